@@ -1,0 +1,415 @@
+"""Cache policy: stable keys, single flight, and the adapter that keeps a failing store harmless.
+
+Keys are ``"{namespace}:{module}.{qualname}:{digest}"`` where the digest is a BLAKE2b hash of a
+deterministic text form of the call's arguments, bound to the signature with defaults applied. The
+text form never uses ``hash()``, ``id()`` or the ``repr`` of arbitrary objects, so keys are the
+same in every process, machine and run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import enum
+import fractions
+import hashlib
+import inspect
+import pathlib
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any, Protocol, runtime_checkable
+
+from opero._log import logger
+from opero.errors import CacheKeyError
+
+__all__ = ["MISSING", "CacheBackend", "CacheLayer", "Flights", "KeyBuilder", "Serializer"]
+
+MISSING: Any = type("MissingType", (), {"__repr__": lambda self: "MISSING"})()
+"""Returned by a lookup that found nothing (``None`` is a legitimate cached value)."""
+
+# Types whose repr() is deterministic, distinct per type (1, 1.0, True and "1" differ) and free of
+# addresses: the fast path serialises a tuple made only of these with one repr() call.
+_PRIMITIVES = frozenset({int, float, str, bytes, bool, type(None)})
+_REPR_TYPES = (
+    complex,
+    decimal.Decimal,
+    fractions.Fraction,
+    datetime.datetime,
+    datetime.date,
+    datetime.time,
+    datetime.timedelta,
+    datetime.timezone,
+    uuid.UUID,
+    pathlib.PurePath,
+    range,
+)
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def _encode(obj: Any, out: list[str], seen: set[int]) -> None:
+    """Append a deterministic, type-tagged text form of ``obj`` to ``out``."""
+    cls = type(obj)
+    if cls in _PRIMITIVES:
+        out.append(repr(obj))
+        return
+    if isinstance(obj, enum.Enum):
+        out.append(f"E<{_qualname(cls)}>(")
+        _encode(obj.value, out, seen)
+        out.append(")")
+        return
+    if isinstance(obj, _REPR_TYPES) or cls in _PRIMITIVES:
+        out.append(f"{_qualname(cls)}:{obj!r}")
+        return
+    if isinstance(obj, type):
+        _refuse_local(obj)
+        out.append(f"C<{_qualname(obj)}>")
+        return
+    if inspect.isroutine(obj):
+        _refuse_local(obj)
+        out.append(f"F<{_qualname(obj)}>")
+        return
+    marker = id(obj)
+    if marker in seen:
+        raise CacheKeyError("it contains a reference cycle")
+    seen.add(marker)
+    try:
+        _encode_composite(obj, cls, out, seen)
+    finally:
+        seen.discard(marker)
+
+
+def _refuse_local(obj: Any) -> None:
+    name = getattr(obj, "__qualname__", "")
+    if "<lambda>" in name or "<locals>" in name:
+        raise CacheKeyError(f"{name} is a lambda or a local object with no stable name")
+
+
+def _encode_composite(obj: Any, cls: type, out: list[str], seen: set[int]) -> None:
+    if cls is tuple or cls is list or isinstance(obj, tuple | list):
+        out.append(f"{'T' if isinstance(obj, tuple) else 'L'}<{_qualname(cls)}>[")
+        for item in obj:
+            _encode(item, out, seen)
+            out.append(",")
+        out.append("]")
+    elif isinstance(obj, Mapping):
+        pairs = []
+        for key, value in obj.items():
+            key_part: list[str] = []
+            _encode(key, key_part, seen)
+            value_part: list[str] = []
+            _encode(value, value_part, seen)
+            pairs.append(("".join(key_part), "".join(value_part)))
+        pairs.sort()
+        out.append(f"D<{_qualname(cls)}>{{")
+        out.extend(f"{k}:{v}," for k, v in pairs)
+        out.append("}")
+    elif isinstance(obj, set | frozenset):
+        items = []
+        for item in obj:
+            part: list[str] = []
+            _encode(item, part, seen)
+            items.append("".join(part))
+        items.sort()
+        out.append(f"S<{_qualname(cls)}>{{{','.join(items)}}}")
+    elif callable(getattr(obj, "__opero_key__", None)):
+        out.append(f"K<{_qualname(cls)}>(")
+        _encode(obj.__opero_key__(), out, seen)
+        out.append(")")
+    elif dataclasses.is_dataclass(obj):
+        out.append(f"O<{_qualname(cls)}>(")
+        for field in dataclasses.fields(obj):
+            out.append(f"{field.name}=")
+            _encode(getattr(obj, field.name), out, seen)
+            out.append(",")
+        out.append(")")
+    else:
+        _encode_instance(obj, cls, out, seen)
+
+
+def _encode_instance(obj: Any, cls: type, out: list[str], seen: set[int]) -> None:
+    """Plain instances key on their class and attribute values (``__dict__`` and ``__slots__``)."""
+    attrs: dict[str, Any] = {}
+    if cls.__module__ != "builtins":
+        attrs.update(getattr(obj, "__dict__", {}))
+        for klass in cls.__mro__:
+            for slot in getattr(klass, "__slots__", ()):
+                if slot not in ("__dict__", "__weakref__") and hasattr(obj, slot):
+                    attrs[slot] = getattr(obj, slot)
+    if not attrs:
+        raise CacheKeyError(
+            f"a {cls.__qualname__} object has no value opero can serialise "
+            "(define __opero_key__() on its class or pass cache_key=)"
+        )
+    _refuse_local(cls)
+    out.append(f"O<{_qualname(cls)}>")
+    _encode(attrs, out, seen)
+
+
+def serialise_for_key(value: Any) -> str:
+    """The deterministic text form of ``value`` used for cache keys."""
+    out: list[str] = []
+    _encode(value, out, set())
+    return "".join(out)
+
+
+class KeyBuilder:
+    """Builds the cache key of one call of one function.
+
+    Arguments are bound to the signature with defaults applied, so ``f(1)``, ``f(1, 2)`` and
+    ``f(a=1, b=2)`` share a key when ``b`` defaults to 2. When the call is already canonical (all
+    parameters passed positionally, nothing else) binding is skipped.
+    """
+
+    __slots__ = ("_key_fn", "_n_params", "_names", "_signature", "prefix")
+
+    def __init__(
+        self, func: Callable[..., Any], namespace: str, key_fn: Callable[..., object] | None
+    ) -> None:
+        self.prefix = f"{namespace}:{func.__module__}.{func.__qualname__}:"
+        self._key_fn = key_fn
+        self._signature = inspect.signature(func)
+        params = list(self._signature.parameters.values())
+        self._names = [p.name for p in params]
+        simple = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        self._n_params = len(params) if simple else -1
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        if self._key_fn is not None:
+            text = _argument_text("cache_key", self._key_fn(*args, **kwargs))
+            return self.prefix + hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
+        if not kwargs and len(args) == self._n_params:
+            if all(type(a) in _PRIMITIVES for a in args):
+                return self.prefix + hashlib.blake2b(
+                    repr(args).encode(), digest_size=20
+                ).hexdigest()
+            values = dict(zip(self._names, args, strict=True))
+        else:
+            bound = self._signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            values = bound.arguments
+        parts: list[str] = []
+        for name, value in values.items():
+            parts.append(_argument_text(name, value))
+        return self.prefix + hashlib.blake2b(
+            "\x1f".join(parts).encode(), digest_size=20
+        ).hexdigest()
+
+
+def _argument_text(name: str, value: Any) -> str:
+    try:
+        return serialise_for_key(value)
+    except CacheKeyError as exc:
+        raise CacheKeyError(
+            f"cannot build a cache key from argument {name!r}: {exc}. Pass cache_key= to "
+            "choose the key yourself, or give the type an __opero_key__() method"
+        ) from None
+    except RecursionError:
+        raise CacheKeyError(
+            f"cannot build a cache key from argument {name!r}: it is nested too deeply"
+        ) from None
+
+
+class Serializer(Protocol):
+    """Turns values into bytes and back for stores outside the process."""
+
+    def dumps(self, value: object) -> bytes: ...
+    def loads(self, data: bytes) -> object: ...
+
+
+@runtime_checkable
+class CacheBackend(Protocol):
+    """A store for serialised results. Implement this to plug in your own store.
+
+    Keys are strings that start with ``"{namespace}:"``; values are bytes (``None`` from ``get``
+    means a miss). ``ttl`` is in seconds, ``None`` for no expiry. ``clear(prefix)`` removes every
+    key that starts with ``prefix`` and returns how many it removed. Each sync method has an async twin used by async
+    functions, which must not block the event loop.
+    """
+
+    def get(self, key: str) -> bytes | None: ...
+    def set(self, key: str, value: bytes, ttl: float | None) -> None: ...
+    def delete(self, key: str) -> None: ...
+    def clear(self, prefix: str) -> int: ...
+    async def aget(self, key: str) -> bytes | None: ...
+    async def aset(self, key: str, value: bytes, ttl: float | None) -> None: ...
+    async def adelete(self, key: str) -> None: ...
+    async def aclear(self, prefix: str) -> int: ...
+
+
+class ObjectStore(Protocol):
+    """An in-process store that keeps the objects themselves (no serialisation)."""
+
+    def get(self, key: str) -> object: ...  # MISSING on a miss
+    def set(self, key: str, value: object, ttl: float | None) -> None: ...
+    def delete(self, key: str) -> None: ...
+    def clear(self, prefix: str) -> int: ...
+
+
+class Flights:
+    """Single flight: concurrent calls with one key run the function once and share its outcome.
+
+    The leader (first caller) gets a ``concurrent.futures.Future`` that every follower waits on,
+    whether it is a thread or a task on any event loop. A leader that is cancelled or interrupted
+    hands leadership on instead of failing its followers. A leader that calls itself recursively
+    with the same key does not wait on itself.
+    """
+
+    __slots__ = ("_lock", "_running")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[str, tuple[Future[Any], object]] = {}
+
+    def join(self, key: str, owner: object) -> tuple[bool, Future[Any] | None]:
+        """Return ``(True, future)`` for a new leader, ``(False, future)`` for a follower, and
+        ``(True, None)`` when ``owner`` already leads this key (recursion: just compute)."""
+        with self._lock:
+            running = self._running.get(key)
+            if running is None:
+                future: Future[Any] = Future()
+                self._running[key] = (future, owner)
+                return True, future
+        if running[1] == owner:
+            return True, None
+        return False, running[0]
+
+    def finish(self, key: str, future: Future[Any], value: object, error: BaseException | None) -> None:
+        with self._lock:
+            if self._running.get(key, (None,))[0] is future:
+                del self._running[key]
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+
+
+class LeaderGone(Exception):  # noqa: N818 - an internal signal, not an error users see
+    """Set on a flight whose leader was cancelled: followers race to lead again."""
+
+
+class CacheLayer:
+    """Lookup and store through one backend, never letting the store fail the call.
+
+    A store error is a miss (lookup) or a no-op (store); the first one logs one WARNING and later
+    ones stay quiet until the store works again, so an outage is reported once, not per call.
+    """
+
+    __slots__ = (
+        "_failing",
+        "backend",
+        "flights",
+        "key",
+        "namespace",
+        "raw",
+        "serializer",
+        "ttl",
+    )
+
+    def __init__(
+        self,
+        backend: CacheBackend | ObjectStore,
+        key: KeyBuilder,
+        namespace: str,
+        ttl: float | None,
+        serializer: Serializer | None,
+    ) -> None:
+        self.backend = backend
+        self.key = key
+        self.namespace = namespace
+        self.ttl = ttl
+        self.serializer = serializer
+        self.raw = serializer is None  # an in-process store keeps objects as they are
+        self.flights = Flights()
+        self._failing = False
+
+    def clear_own(self) -> int:
+        """Remove this function's entries (every key with this function's prefix)."""
+        return self.backend.clear(self.key.prefix)
+
+    def _failed(self, action: str, exc: BaseException) -> None:
+        if not self._failing:
+            self._failing = True
+            logger.warning(
+                "cache %s failed on %s (%s: %s); calls run uncached until it recovers",
+                action,
+                type(self.backend).__name__,
+                type(exc).__name__,
+                exc,
+            )
+
+    def _recovered(self) -> None:
+        if self._failing:
+            self._failing = False
+            logger.warning("cache backend %s works again", type(self.backend).__name__)
+
+    def _decode(self, data: object) -> object:
+        if self.raw or data is None or data is MISSING:
+            return MISSING if data is None and not self.raw else data
+        assert self.serializer is not None
+        try:
+            return self.serializer.loads(data)  # type: ignore[arg-type]
+        except Exception as exc:
+            # Corrupt, foreign or from an incompatible version: a miss, overwritten on store.
+            logger.debug("cache entry could not be decoded (%s); treating as a miss", exc)
+            return MISSING
+
+    def lookup(self, key: str) -> object:
+        try:
+            data = self.backend.get(key)
+        except Exception as exc:
+            self._failed("lookup", exc)
+            return MISSING
+        if self._failing:
+            self._recovered()
+        return self._decode(data)
+
+    def store(self, key: str, value: object) -> None:
+        try:
+            payload = value if self.raw else self.serializer.dumps(value)  # type: ignore[union-attr]
+        except Exception as exc:
+            logger.warning("result of %s cannot be cached: %s", key.rsplit(":", 1)[0], exc)
+            return
+        try:
+            self.backend.set(key, payload, self.ttl)  # type: ignore[arg-type]
+        except Exception as exc:
+            self._failed("store", exc)
+        else:
+            if self._failing:
+                self._recovered()
+
+    async def alookup(self, key: str) -> object:
+        if self.raw:
+            return self.lookup(key)
+        try:
+            data = await self.backend.aget(key)  # type: ignore[union-attr]
+        except Exception as exc:
+            self._failed("lookup", exc)
+            return MISSING
+        if self._failing:
+            self._recovered()
+        return self._decode(data)
+
+    async def astore(self, key: str, value: object) -> None:
+        if self.raw:
+            self.store(key, value)
+            return
+        assert self.serializer is not None
+        try:
+            payload = self.serializer.dumps(value)
+        except Exception as exc:
+            logger.warning("result of %s cannot be cached: %s", key.rsplit(":", 1)[0], exc)
+            return
+        try:
+            await self.backend.aset(key, payload, self.ttl)  # type: ignore[union-attr]
+        except Exception as exc:
+            self._failed("store", exc)
+        else:
+            if self._failing:
+                self._recovered()
+

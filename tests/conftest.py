@@ -1,0 +1,1 @@
+"""Shared fixtures. Backend-specific fixtures live next to the tests that use them."""
