@@ -13,6 +13,7 @@ __all__ = [
     "MissingExtraError",
     "OperoError",
     "OpmapError",
+    "RateLimitUnavailableError",
     "RemoteError",
     "WorkerCrashedError",
 ]
@@ -74,6 +75,13 @@ class RemoteError(OperoError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.type_name, self.message, self.remote_traceback))
+
+
+class RateLimitUnavailableError(OperoError):
+    """The shared rate limit's store (Redis) could not be reached and ``rate_limit_on_error="raise"``.
+
+    ``__cause__`` is the store's own error; the call was not made.
+    """
 
 
 class CacheKeyError(OperoError, TypeError):
