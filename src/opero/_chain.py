@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 from opero.core.cache import CacheLayer
 from opero.core.fallback import Fallback
-from opero.core.ratelimit import RateLimiter, check_rate
 from opero.core.retry import RetryPolicy, _check_retry_on
+from opero.limiters import make_limiter
 
 
 class Limiter(Protocol):
@@ -44,6 +44,9 @@ class Options:
     fallback_on: object = Exception
     arg_fallback: str | None = None
     rate_limit: float | None = None
+    rate_limit_backend: str = "local"
+    rate_limit_key: str | None = None
+    rate_limit_on_error: str = "local"
     cache: bool = False
     cache_ttl: float | None = None
     cache_backend: object = "memory"
@@ -121,9 +124,13 @@ def build_chain(
             f"fallback_on must be an exception type or a tuple of them, got {opts.fallback_on!r}"
         ) from None
     fallback = None if opts.arg_fallback is None else Fallback(func, opts.arg_fallback)
-    limiter = None
-    if opts.rate_limit is not None:
-        limiter = RateLimiter(check_rate("rate_limit", opts.rate_limit))
+    limiter = make_limiter(
+        func,
+        rate=opts.rate_limit,
+        backend=opts.rate_limit_backend,
+        key=opts.rate_limit_key,
+        on_error=opts.rate_limit_on_error,
+    )
     _check_cache_options(opts)
     layer = None
     if opts.cache:
