@@ -1,0 +1,203 @@
+"""Cache keys: bound to the signature, deterministic, value-based, distinct per type."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from opero.core.cache import KeyBuilder
+from opero.errors import CacheKeyError, OperoError
+
+
+def f(a: object, b: object = 2, *rest: object, c: object = None, **extra: object) -> None:
+    pass
+
+
+def g(a: object, b: object = 2) -> None:
+    pass
+
+
+def key(func: object = g, *args: object, **kwargs: object) -> str:
+    return KeyBuilder(func, "opero", None)(args, kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("func", [f, g])
+def test_defaults_are_applied_so_equivalent_calls_share_a_key(func):
+    k = key(func, 1)
+    assert key(func, 1, 2) == k
+    assert key(func, a=1, b=2) == k
+    assert key(func, 1, b=2) == k
+    assert key(func, b=2, a=1) == k
+    assert key(func, 1, 3) != k
+
+
+def test_equivalent_calls_share_a_key_for_non_primitive_arguments():
+    k = key(g, [1, {"x": 2}])
+    assert key(g, [1, {"x": 2}], 2) == k
+    assert key(g, a=[1, {"x": 2}], b=2) == k
+
+
+def test_key_has_namespace_module_and_qualname_prefix():
+    k = KeyBuilder(g, "myns", None)((1,), {})
+    assert k.startswith(f"myns:{__name__}.g:")
+    assert k != KeyBuilder(g, "other", None)((1,), {})
+
+
+def test_different_functions_never_share_keys():
+    assert key(f, 1) != key(g, 1)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"x": 1, "y": [1, 2, {3, 4}]},
+        [1, [2, [3, {"a": (4, 5)}]]],
+        {1, 2, 3},
+        frozenset({"a", "b"}),
+        {"nested": {"deeper": {"deepest": [set()]}}},
+    ],
+    ids=["dict", "nested-list", "set", "frozenset", "deep"],
+)
+def test_unhashable_arguments_key_by_value(value):
+    import copy
+
+    assert key(g, value) == key(g, copy.deepcopy(value))
+
+
+def test_dict_and_set_order_do_not_matter():
+    assert key(g, {"a": 1, "b": 2}) == key(g, {"b": 2, "a": 1})
+    assert key(g, {"k": {"a": 1, "b": 2}}) == key(g, {"k": {"b": 2, "a": 1}})
+    names = [f"name-{i}" for i in range(60)]
+    forward, backward = set(), set()
+    for name in names:
+        forward.add(name)
+    for name in reversed(names):
+        backward.add(name)
+    assert key(g, forward) == key(g, backward)
+
+
+def test_equal_but_different_types_are_different_keys():
+    values = [1, 1.0, True, "1", b"1", (1,), [1], {1}, frozenset({1}), None, 0, False, "", 0.0]
+    keys = {key(g, v) for v in values}
+    assert len(keys) == len(values)
+
+
+def test_nested_equal_but_different_types_are_different_keys():
+    assert key(g, [1]) != key(g, [1.0])
+    assert key(g, {"a": 1}) != key(g, {"a": True})
+    assert key(g, {1: "x"}) != key(g, {"1": "x"})
+
+
+def test_argument_boundaries_are_unambiguous():
+    assert key(g, "a,b", "c") != key(g, "a", "b,c")
+    assert key(g, "a\x1fb", "c") != key(g, "a", "b\x1fc")
+    assert key(g, ["a", "b"], 2) != key(g, ["a"], ["b", 2])
+
+
+def test_varargs_and_kwargs_are_part_of_the_key():
+    assert key(f, 1, 2, 3) != key(f, 1, 2, 4)
+    assert key(f, 1, z=1) != key(f, 1, z=2)
+    assert key(f, 1, y=1, z=2) == key(f, 1, z=2, y=1)
+    assert key(f, 1, c=5) != key(f, 1)
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+class Plain:
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
+class Slotted:
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
+@pytest.mark.parametrize("cls", [Point, Plain, Slotted])
+def test_objects_key_on_their_values(cls):
+    make = (lambda v: cls(v, 0)) if cls is Point else cls
+    assert key(g, make(1)) == key(g, make(1))
+    assert key(g, make(1)) != key(g, make(2))
+
+
+def test_objects_of_different_classes_with_equal_values_differ():
+    assert key(g, Plain(1)) != key(g, Slotted(1))
+
+
+def test_opero_key_hook_is_used():
+    class Keyed:
+        def __init__(self, ident: int, noise: object) -> None:
+            self.ident, self.noise = ident, noise
+
+        def __opero_key__(self) -> object:
+            return self.ident
+
+    Keyed.__qualname__ = "Keyed"  # a module-level name, as a real class would have
+    assert key(g, Keyed(1, object())) == key(g, Keyed(1, object()))
+    assert key(g, Keyed(1, None)) != key(g, Keyed(2, None))
+
+
+def test_cache_key_callable_chooses_the_key():
+    builder = KeyBuilder(g, "opero", lambda a, b=2: a["id"])
+    assert builder(({"id": 1, "noise": 1},), {}) == builder(({"id": 1, "noise": 2},), {})
+    assert builder(({"id": 1},), {}) != builder(({"id": 2},), {})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [object(), lambda: 1, iter([1])],
+    ids=["object", "lambda", "iterator"],
+)
+def test_values_without_a_stable_form_raise_cache_key_error(value):
+    with pytest.raises(CacheKeyError, match="'a'") as info:
+        key(g, value)
+    assert isinstance(info.value, OperoError)
+    assert isinstance(info.value, TypeError)
+
+
+def test_reference_cycle_raises_cache_key_error():
+    cyclic: list[object] = []
+    cyclic.append(cyclic)
+    with pytest.raises(CacheKeyError, match="cycle"):
+        key(g, cyclic)
+
+
+def test_shared_non_cyclic_references_are_fine():
+    shared = [1, 2]
+    assert key(g, [shared, shared]) == key(g, [[1, 2], [1, 2]])
+
+
+def test_keys_are_the_same_in_another_process():
+    # No hash(), id() or addresses: another interpreter (another hash seed) builds the same key.
+    values = "[{'a': 1, 'b': {1, 2, 'x'}}, (1.5, None, True), frozenset({'q', 'r'})]"
+    code = textwrap.dedent(
+        f"""
+        from opero.core.cache import KeyBuilder
+        def g(a, b=2): pass
+        g.__module__ = "m"
+        print(KeyBuilder(g, "opero", None)(({values},), {{}}))
+        """
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outputs) == 1
+    assert next(iter(outputs)).startswith("opero:m.g:")
