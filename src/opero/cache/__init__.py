@@ -1,4 +1,10 @@
-"""Cache stores, one module each, chosen by name (``"memory"``) or passed as an object."""
+"""Cache stores, one module each, chosen by name or passed as an object.
+
+``"memory"`` (in-process), ``"disk"`` (:mod:`opero.cache.disk`), ``"redis"`` or a
+``"redis://host:port/db"`` URL (:mod:`opero.cache.redis`), or any object implementing
+:class:`opero.CacheBackend`. The persistent stores import their extra on first use and raise
+:class:`opero.errors.MissingExtraError` naming it when it is not installed.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,37 @@ from collections.abc import Callable
 from typing import Any
 
 from opero.cache.memory import MemoryCache, clear_all
+from opero.cache.serializers import get_serializer
 from opero.core.cache import CacheBackend, CacheLayer, KeyBuilder
 
-BACKENDS = ("memory",)
+__all__ = ["BACKENDS", "clear_cache", "get_backend", "make_layer"]
+
+BACKENDS = ("memory", "disk", "redis")
+
+
+def get_backend(backend: object, cache_dir: str | os.PathLike[str] | None = None) -> CacheBackend:
+    """The store a ``cache_backend=`` value names (not ``"memory"``, which keeps objects)."""
+    if backend == "disk":
+        from opero.cache.disk import disk_cache  # noqa: PLC0415 - needs the disk extra
+
+        return disk_cache(cache_dir)
+    if cache_dir is not None:
+        raise ValueError("cache_dir= applies only to cache_backend='disk'")
+    if isinstance(backend, str):
+        from opero.cache.redis import is_redis_url, redis_cache, resolve_url  # noqa: PLC0415
+
+        if backend == "redis" or is_redis_url(backend):
+            return redis_cache(resolve_url(backend))
+        raise ValueError(
+            f"cache_backend={backend!r} is not available: choose one of {', '.join(BACKENDS)}, "
+            "a redis:// URL, or pass an object implementing opero.CacheBackend"
+        )
+    if isinstance(backend, CacheBackend):
+        return backend
+    raise ValueError(
+        f"cache_backend must be a backend name, a redis:// URL or an object implementing "
+        f"opero.CacheBackend, got {backend!r}"
+    )
 
 
 def make_layer(
@@ -25,36 +59,33 @@ def make_layer(
     is_async: bool,
 ) -> CacheLayer:
     """The cache layer of one decorated function."""
-    del cache_dir, is_async  # used by the persistent stores
+    del is_async  # every store serves both worlds; the engine picks the sync or async methods
+    serializer_obj = get_serializer(serializer)
     key = KeyBuilder(func, namespace, key_fn)
     if backend == "memory":
+        if cache_dir is not None:
+            raise ValueError("cache_dir= applies only to cache_backend='disk'")
+        if serializer != "pickle":
+            raise ValueError(
+                "cache_serializer= applies only to stores outside the process; the memory "
+                "cache keeps the objects themselves"
+            )
         return CacheLayer(MemoryCache(maxsize), key, namespace, ttl, None)
-    if isinstance(backend, str):
-        raise ValueError(
-            f"cache_backend={backend!r} is not available: choose one of {', '.join(BACKENDS)} "
-            "or pass an object implementing opero.CacheBackend"
-        )
-    if isinstance(backend, CacheBackend):
-        return CacheLayer(backend, key, namespace, ttl, _serializer(serializer))
-    raise ValueError(
-        f"cache_backend must be a backend name or an object implementing CacheBackend, "
-        f"got {backend!r}"
-    )
+    return CacheLayer(get_backend(backend, cache_dir), key, namespace, ttl, serializer_obj)
 
 
-def _serializer(name: str) -> Any:
-    import pickle  # noqa: PLC0415
+def clear_cache(
+    namespace: str = "opero",
+    cache_backend: object = "memory",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> int:
+    """Remove every entry of ``namespace`` from ``cache_backend`` (for ``"disk"``, the one in
+    ``cache_dir``, default as for ``@opero``); return how many were removed.
 
-    if name != "pickle":
-        raise ValueError(f"cache_serializer must be 'pickle', got {name!r}")
-    return pickle
-
-
-def clear_cache(namespace: str = "opero", cache_backend: object = "memory") -> int:
-    """Remove every entry of ``namespace`` from ``cache_backend``; return how many were removed."""
+    Redis entries are found with ``SCAN`` on the namespace's key prefix, never ``KEYS`` or
+    ``FLUSHDB``, so other data in the database is untouched.
+    """
     prefix = f"{namespace}:"
     if cache_backend == "memory":
         return clear_all(prefix)
-    if isinstance(cache_backend, CacheBackend):
-        return cache_backend.clear(prefix)
-    raise ValueError(f"cache_backend={cache_backend!r} is not available")
+    return get_backend(cache_backend, cache_dir).clear(prefix)

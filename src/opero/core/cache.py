@@ -13,13 +13,13 @@ import datetime
 import decimal
 import enum
 import fractions
-import hashlib
 import inspect
 import pathlib
 import threading
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from hashlib import blake2b
 from typing import Any, Protocol, runtime_checkable
 
 from opero._log import logger
@@ -133,15 +133,27 @@ def _encode_composite(obj: Any, cls: type, out: list[str], seen: set[int]) -> No
 
 
 def _encode_instance(obj: Any, cls: type, out: list[str], seen: set[int]) -> None:
-    """Plain instances key on their class and attribute values (``__dict__`` and ``__slots__``)."""
+    """Plain instances key on their class and attribute values (``__dict__`` and ``__slots__``).
+
+    This is also the rule for ``self``: two instances of one class with equal attributes share
+    entries. An instance of a Python class with no attributes at all keys on its class alone; an
+    object whose state opero cannot see (no ``__dict__``, no slots: a C type) is refused.
+    """
     attrs: dict[str, Any] = {}
+    visible = False
     if cls.__module__ != "builtins":
-        attrs.update(getattr(obj, "__dict__", {}))
+        state = getattr(obj, "__dict__", None)
+        if isinstance(state, dict):
+            visible = True
+            attrs.update(state)
         for klass in cls.__mro__:
-            for slot in getattr(klass, "__slots__", ()):
-                if slot not in ("__dict__", "__weakref__") and hasattr(obj, slot):
-                    attrs[slot] = getattr(obj, slot)
-    if not attrs:
+            slots = getattr(klass, "__slots__", ())
+            for slot in (slots,) if isinstance(slots, str) else slots:
+                if slot not in ("__dict__", "__weakref__"):
+                    visible = True
+                    if hasattr(obj, slot):
+                        attrs[slot] = getattr(obj, slot)
+    if not visible:
         raise CacheKeyError(
             f"a {cls.__qualname__} object has no value opero can serialise "
             "(define __opero_key__() on its class or pass cache_key=)"
@@ -182,12 +194,15 @@ class KeyBuilder:
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         if self._key_fn is not None:
             text = _argument_text("cache_key", self._key_fn(*args, **kwargs))
-            return self.prefix + hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
+            return self.prefix + blake2b(text.encode(), digest_size=20).hexdigest()
         if not kwargs and len(args) == self._n_params:
-            if all(type(a) in _PRIMITIVES for a in args):
-                return self.prefix + hashlib.blake2b(
-                    repr(args).encode(), digest_size=20
-                ).hexdigest()
+            # Canonical call of primitives: the same text as the general path below (so f(1, 2)
+            # and f(1, b=2) share a key), built without binding or the recursive encoder.
+            if _PRIMITIVES.issuperset(map(type, args)):
+                return (
+                    self.prefix
+                    + blake2b("\x1f".join(map(repr, args)).encode(), digest_size=20).hexdigest()
+                )
             values = dict(zip(self._names, args, strict=True))
         else:
             bound = self._signature.bind(*args, **kwargs)
@@ -196,9 +211,7 @@ class KeyBuilder:
         parts: list[str] = []
         for name, value in values.items():
             parts.append(_argument_text(name, value))
-        return self.prefix + hashlib.blake2b(
-            "\x1f".join(parts).encode(), digest_size=20
-        ).hexdigest()
+        return self.prefix + blake2b("\x1f".join(parts).encode(), digest_size=20).hexdigest()
 
 
 def _argument_text(name: str, value: Any) -> str:
@@ -228,8 +241,8 @@ class CacheBackend(Protocol):
 
     Keys are strings that start with ``"{namespace}:"``; values are bytes (``None`` from ``get``
     means a miss). ``ttl`` is in seconds, ``None`` for no expiry. ``clear(prefix)`` removes every
-    key that starts with ``prefix`` and returns how many it removed. Each sync method has an async twin used by async
-    functions, which must not block the event loop.
+    key that starts with ``prefix`` and returns how many it removed. Each sync method has an
+    async twin used by async functions, which must not block the event loop.
     """
 
     def get(self, key: str) -> bytes | None: ...
@@ -279,7 +292,9 @@ class Flights:
             return True, None
         return False, running[0]
 
-    def finish(self, key: str, future: Future[Any], value: object, error: BaseException | None) -> None:
+    def finish(
+        self, key: str, future: Future[Any], value: object, error: BaseException | None
+    ) -> None:
         with self._lock:
             if self._running.get(key, (None,))[0] is future:
                 del self._running[key]
@@ -289,7 +304,7 @@ class Flights:
             future.set_exception(error)
 
 
-class LeaderGone(Exception):  # noqa: N818 - an internal signal, not an error users see
+class LeaderGone(Exception):  # an internal signal, not an error users see
     """Set on a flight whose leader was cancelled: followers race to lead again."""
 
 
@@ -302,6 +317,7 @@ class CacheLayer:
 
     __slots__ = (
         "_failing",
+        "_warned_unstorable",
         "backend",
         "flights",
         "key",
@@ -327,6 +343,7 @@ class CacheLayer:
         self.raw = serializer is None  # an in-process store keeps objects as they are
         self.flights = Flights()
         self._failing = False
+        self._warned_unstorable = False
 
     def clear_own(self) -> int:
         """Remove this function's entries (every key with this function's prefix)."""
@@ -346,7 +363,19 @@ class CacheLayer:
     def _recovered(self) -> None:
         if self._failing:
             self._failing = False
-            logger.warning("cache backend %s works again", type(self.backend).__name__)
+            logger.info("cache backend %s works again", type(self.backend).__name__)
+
+    def _unstorable(self, key: str, exc: BaseException) -> None:
+        # Once per function: a result type that cannot be serialised will not change per call.
+        if not self._warned_unstorable:
+            self._warned_unstorable = True
+            logger.warning(
+                "results of %s cannot be cached by %s (%s: %s); such calls run uncached",
+                key.rsplit(":", 1)[0],
+                type(self.serializer).__name__,
+                type(exc).__name__,
+                exc,
+            )
 
     def _decode(self, data: object) -> object:
         if self.raw or data is None or data is MISSING:
@@ -373,7 +402,7 @@ class CacheLayer:
         try:
             payload = value if self.raw else self.serializer.dumps(value)  # type: ignore[union-attr]
         except Exception as exc:
-            logger.warning("result of %s cannot be cached: %s", key.rsplit(":", 1)[0], exc)
+            self._unstorable(key, exc)
             return
         try:
             self.backend.set(key, payload, self.ttl)  # type: ignore[arg-type]
@@ -403,7 +432,7 @@ class CacheLayer:
         try:
             payload = self.serializer.dumps(value)
         except Exception as exc:
-            logger.warning("result of %s cannot be cached: %s", key.rsplit(":", 1)[0], exc)
+            self._unstorable(key, exc)
             return
         try:
             await self.backend.aset(key, payload, self.ttl)  # type: ignore[union-attr]
@@ -412,4 +441,3 @@ class CacheLayer:
         else:
             if self._failing:
                 self._recovered()
-
