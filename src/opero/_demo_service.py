@@ -4,7 +4,7 @@
 
 1. ``429`` when the key is called faster than its quota (a token bucket per key, measured by the
    server on arrival),
-2. ``401`` for a revoked or unknown key,
+2. ``401`` for a revoked or unknown key, ``404`` for any other path,
 3. a dropped connection (no response at all) or a ``503``, drawn at random,
 4. otherwise ``200`` with a small JSON body.
 
@@ -39,7 +39,8 @@ _PATH = re.compile(r"/items/(\d+)")
 @dataclass(frozen=True)
 class Hit:
     """One request as the server saw it. ``key`` is a label ("primary", "backup", "unknown"),
-    never the key itself; ``outcome`` is the status code as text, or ``"drop"``."""
+    never the key itself; ``item`` is -1 for an unknown path; ``outcome`` is the status code as
+    text, or ``"drop"``."""
 
     at: float
     key: str
@@ -141,16 +142,17 @@ class FlakyService:
         with self._lock:
             return Counter(hit.outcome for hit in self.hits[since:])
 
-    def decide(self, key: str | None, item: int) -> str:
-        """Log one request and return its outcome (``"200"``, ``"401"``, ``"429"``, ...)."""
+    def decide(self, key: str | None, item: int | None) -> str:
+        """Log one request (``item`` None: an unknown path) and return its outcome: ``"200"``,
+        ``"401"``, ``"404"``, ``"429"``, ``"503"`` or ``"drop"``."""
         now = time.monotonic()
         label = self._labels.get(key or "", "unknown")
         with self._lock:
             outcome = self._decide_locked(key or "", item, now)
-            self.hits.append(Hit(now, label, item, outcome))
+            self.hits.append(Hit(now, label, -1 if item is None else item, outcome))
         return outcome
 
-    def _decide_locked(self, key: str, item: int, now: float) -> str:
+    def _decide_locked(self, key: str, item: int | None, now: float) -> str:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = _TokenBucket(self.quota, self.burst, now)
@@ -158,6 +160,8 @@ class FlakyService:
             return "429"
         if key not in self._labels or key in self._revoked:
             return "401"
+        if item is None:
+            return "404"
         n = self._served[key, item]
         self._served[key, item] = n + 1
         # A str seed is hashed with SHA-512, so the draw is the same in every process and run.
@@ -178,10 +182,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         match = _PATH.fullmatch(self.path)
-        if match is None:
-            self._reply(404, {"error": "not found"})
-            return
-        item = int(match.group(1))
+        item = None if match is None else int(match.group(1))
         auth = self.headers.get("Authorization", "")
         key = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
         outcome = cast(_Server, self.server).service.decide(key, item)
@@ -190,11 +191,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if outcome == "200":
+            assert item is not None
             self._reply(200, {"id": item, "name": f"item-{item}", "price": item * 7 % 101})
         elif outcome == "429":
             self._reply(429, {"error": "too many requests"}, retry_after="1")
         elif outcome == "401":
             self._reply(401, {"error": "invalid or revoked API key"})
+        elif outcome == "404":
+            self._reply(404, {"error": "no such resource"})
         else:
             self._reply(int(outcome), {"error": "service unavailable, try again"})
 
