@@ -76,7 +76,7 @@ class FlakyService:
         error_rate: float = 0.15,
         drop_rate: float = 0.02,
         quota: float = 60.0,
-        burst: int = 5,
+        burst: int = 10,
     ) -> None:
         if not 0.0 <= error_rate + drop_rate < 1.0 or error_rate < 0 or drop_rate < 0:
             raise ValueError("error_rate and drop_rate must be >= 0 and sum to less than 1")

@@ -85,7 +85,7 @@ class DemoConfig:
     workers: int = 16
     rate_limit: float = 50.0
     quota: float = 60.0
-    burst: int = 5
+    burst: int = 10
     error_rate: float = 0.15
     drop_rate: float = 0.02
     retries: int = 5
@@ -279,6 +279,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[DemoConfig, bool]:
     p.add_argument("--workers", type=int, default=d.workers, help="client threads")
     p.add_argument("--rate-limit", type=float, default=d.rate_limit, help="client calls/s")
     p.add_argument("--quota", type=float, default=d.quota, help="server quota, requests/s per key")
+    p.add_argument("--burst", type=int, default=d.burst, help="server burst allowance per key")
     p.add_argument("--error-rate", type=float, default=d.error_rate, help="share of 503s")
     p.add_argument("--drop-rate", type=float, default=d.drop_rate, help="share of dropped conns")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -290,6 +291,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[DemoConfig, bool]:
         workers=ns.workers,
         rate_limit=ns.rate_limit,
         quota=ns.quota,
+        burst=ns.burst,
         error_rate=ns.error_rate,
         drop_rate=ns.drop_rate,
         seed=ns.seed,
