@@ -1,0 +1,140 @@
+"""Code that runs inside worker processes. Kept small: it is imported by every worker.
+
+Wire format on the pipe (one message per ``send_bytes``):
+
+- parent -> worker ``b"F" + key(8) + cloudpickle(fn)``: remember function ``key``.
+- parent -> worker ``b"C" + task(8) + key(8) + cloudpickle((args, kwargs))``: run a call.
+- parent -> worker ``b""``: exit when idle.
+- worker -> parent ``task(8) + status(1) + cloudpickle(value)``; status ``b"1"`` is a return value,
+  ``b"0"`` an exception that survived a pickle round trip (else a RemoteError in its place).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import pickle
+import signal
+import struct
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from opero.errors import RemoteError
+
+ID = struct.Struct("!Q")
+
+
+def portable_exception(exc: BaseException) -> BaseException:
+    """``exc`` itself when it survives pickling, else a RemoteError naming its type and message."""
+    try:
+        pickle.loads(cloudpickle.dumps(exc))
+    except Exception:
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        try:
+            message = str(exc)
+        except Exception:
+            message = "<str() failed>"
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return RemoteError(name, message, tb)
+    return exc
+
+
+def encode_outcome(task: int, ok: bool, value: object) -> bytes:
+    if ok:
+        try:
+            return ID.pack(task) + b"1" + cloudpickle.dumps(value)
+        except Exception as exc:
+            value = RemoteError(
+                type(exc).__qualname__, f"the result could not be pickled: {exc}", ""
+            )
+        return ID.pack(task) + b"0" + cloudpickle.dumps(value)
+    assert isinstance(value, BaseException)
+    value = portable_exception(value)
+    return ID.pack(task) + b"0" + cloudpickle.dumps(value)
+
+
+def call_chunk(
+    fn: Callable[..., Any], items: list[Any], kwargs: dict[str, Any]
+) -> list[tuple[bool, Any]]:
+    """Run ``fn(item, **kwargs)`` for a batch of items; each outcome is ``(ok, value)``."""
+    out: list[tuple[bool, Any]] = []
+    for item in items:
+        try:
+            out.append((True, fn(item, **kwargs)))
+        except Exception as exc:
+            out.append((False, portable_exception(exc)))
+    return out
+
+
+def _watch_parent(parent: int) -> None:
+    # The pipe's EOF ends an idle worker; this ends a busy one whose parent was killed.
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def main(conn: Any, concurrency: int, parent: int) -> None:
+    """A worker's loop: read calls, run them, send outcomes. ``concurrency > 1`` runs that many
+    calls at once on an event loop (``mode="async_process"``)."""
+    # Ctrl-C goes to the whole process group; the parent decides what stops, not each worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    functions: dict[int, Callable[..., Any]] = {}
+    send_lock = threading.Lock()
+
+    def send(data: bytes) -> None:
+        with send_lock:
+            conn.send_bytes(data)
+
+    loop: asyncio.AbstractEventLoop | None = None
+    if concurrency > 1:
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            break
+        if not data:
+            break
+        tag = data[:1]
+        if tag == b"F":
+            (key,) = ID.unpack_from(data, 1)
+            functions[key] = pickle.loads(data[9:])
+            continue
+        task, key = struct.unpack_from("!QQ", data, 1)
+        try:
+            args, kwargs = pickle.loads(data[17:])
+            result = functions[key](*args, **kwargs)
+        except Exception as exc:
+            send(encode_outcome(task, False, exc))
+            continue
+        if not inspect.iscoroutine(result):
+            send(encode_outcome(task, True, result))
+        elif loop is None:
+            try:
+                value = asyncio.run(result)
+            except Exception as exc:
+                send(encode_outcome(task, False, exc))
+            else:
+                send(encode_outcome(task, True, value))
+        else:
+            future = asyncio.run_coroutine_threadsafe(result, loop)
+            future.add_done_callback(lambda f, task=task: _reply(send, task, f))
+
+
+def _reply(send: Callable[[bytes], None], task: int, future: Any) -> None:
+    try:
+        value = future.result()
+    except BaseException as exc:
+        send(encode_outcome(task, False, exc))
+    else:
+        send(encode_outcome(task, True, value))

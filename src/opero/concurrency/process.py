@@ -1,0 +1,319 @@
+"""``mode="process"`` and ``mode="async_process"``: a supervised pool of worker processes.
+
+Why not ``multiprocessing.Pool`` or ``ProcessPoolExecutor``: the first waits forever for a call
+whose worker died, the second fails every queued call and cannot pickle lambdas. Here one
+dispatcher thread owns every worker and its pipe, so it always knows which calls each worker is
+running. It waits on the pipes and the process sentinels together: a result completes its
+future; a dead worker fails exactly the calls it was running with ``WorkerCrashedError`` (calls
+that were queued on it but not started go back to the queue) and is replaced on demand.
+
+Functions travel with cloudpickle once per worker (closures and lambdas included, under every
+start method); arguments and results travel per call. Workers start lazily, are reused across
+calls, and ignore SIGINT: the parent decides when they stop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import multiprocessing
+import os
+import pickle
+import struct
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from multiprocessing.connection import wait
+from typing import Any, ClassVar
+
+import cloudpickle
+
+from opero.concurrency import Backend, _worker
+from opero.errors import RemoteError, WorkerCrashedError
+
+_CALL = struct.Struct("!QQ")
+
+
+def default_context() -> Any:
+    """The start method the user chose, else forkserver (no fork of a threaded parent), else
+    spawn."""
+    if multiprocessing.get_start_method(allow_none=True) is not None:
+        return multiprocessing.get_context()
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("forkserver")
+    return multiprocessing.get_context("spawn")
+
+
+class _Task:
+    __slots__ = ("future", "id", "key", "payload", "started")
+
+    def __init__(self, task_id: int, future: Future[Any], key: int, payload: bytes) -> None:
+        self.id = task_id
+        self.future = future
+        self.key = key
+        self.payload = payload
+        self.started = False
+
+
+class _Worker:
+    __slots__ = ("broken", "conn", "functions", "proc", "tasks")
+
+    def __init__(self, proc: Any, conn: Any) -> None:
+        self.proc = proc
+        self.conn = conn
+        self.tasks: dict[int, _Task] = {}  # in the order sent, so the first one is running
+        self.functions: set[int] = set()
+        self.broken = False
+
+
+class ProcessBackend(Backend):
+    """``workers`` processes, each running one call at a time (one more is queued on its pipe so
+    it never waits for the parent between calls)."""
+
+    batching = True
+    concurrent_calls: ClassVar[bool] = False
+
+    def __init__(self, workers: int, *, context: Any = None) -> None:
+        super().__init__(workers)
+        self._ctx = default_context() if context is None else context
+        if self.concurrent_calls:
+            self._processes = max(1, min(workers, os.cpu_count() or 1))
+            self._capacity = math.ceil(workers / self._processes)
+        else:
+            self._processes = workers
+            self._capacity = 2
+        self._lock = threading.Lock()
+        self._pending: deque[_Task] = deque()
+        self._workers: list[_Worker] = []
+        self._functions: dict[int, tuple[Callable[..., Any], int, bytes]] = {}
+        self._ids = itertools.count(1)
+        self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+        self._woken = False
+        self._closing = False
+        self._cancel = False
+        self._thread: threading.Thread | None = None
+
+    # -- caller side ---------------------------------------------------------------------------
+
+    def submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            key = self._function_key(fn)
+            payload = b"C" + _CALL.pack(0, key) + cloudpickle.dumps((args, kwargs))
+        except Exception as exc:  # unpicklable function or arguments: this item fails
+            future.set_exception(exc)
+            return future
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("this process pool is closed")
+            task_id = next(self._ids)
+            payload = payload[:1] + _CALL.pack(task_id, key) + payload[17:]
+            self._pending.append(_Task(task_id, future, key, payload))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="opero-process-dispatcher", daemon=True
+                )
+                self._thread.start()
+            self._wake()
+        return future
+
+    def close(self, *, cancel: bool = False) -> None:
+        with self._lock:
+            self._closing = True
+            self._cancel = self._cancel or cancel
+            thread = self._thread
+            if thread is None:
+                self._release()
+                return
+            self._wake()
+        if thread is not threading.current_thread():
+            thread.join()
+
+    def _function_key(self, fn: Callable[..., Any]) -> int:
+        entry = self._functions.get(id(fn))
+        if entry is None or entry[0] is not fn:
+            data = cloudpickle.dumps(fn)
+            with self._lock:
+                entry = (fn, len(self._functions) + 1, data)
+                self._functions[id(fn)] = entry
+        return entry[1]
+
+    def _wake(self) -> None:  # called with the lock held
+        if not self._woken:
+            self._woken = True
+            self._wake_w.send_bytes(b"")
+
+    # -- dispatcher thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._step():
+                pass
+        finally:
+            self._shutdown()
+
+    def _step(self) -> bool:
+        with self._lock:
+            if self._cancel:
+                return False
+            if self._closing and not self._pending and not any(w.tasks for w in self._workers):
+                return False
+            self._start_workers()
+            self._dispatch()
+            waitables: list[Any] = [self._wake_r]
+            for w in self._workers:
+                waitables += (w.conn, w.proc.sentinel)
+        ready = set(wait(waitables))
+        if self._wake_r in ready:
+            while self._wake_r.poll():
+                self._wake_r.recv_bytes()
+            with self._lock:
+                self._woken = False
+        for w in list(self._workers):
+            if w.conn in ready:
+                self._receive(w)
+            if w.proc.sentinel in ready:
+                self._bury(w)
+        return True
+
+    def _start_workers(self) -> None:
+        free = sum(self._capacity - len(w.tasks) for w in self._workers if not w.broken)
+        missing = len(self._pending) - free
+        while missing > 0 and len(self._workers) < self._processes:
+            parent_end, child_end = self._ctx.Pipe()
+            proc = self._ctx.Process(
+                target=_worker.main,
+                args=(child_end, self._capacity if self.concurrent_calls else 1, os.getpid()),
+                name="opero-worker",
+            )
+            proc.start()
+            child_end.close()
+            self._workers.append(_Worker(proc, parent_end))
+            missing -= self._capacity
+
+    def _dispatch(self) -> None:
+        running = sum(len(w.tasks) for w in self._workers)
+        for w in self._workers:
+            while self._pending and len(w.tasks) < self._capacity and not w.broken:
+                if self.concurrent_calls and running >= self.workers:
+                    return
+                task = self._pending.popleft()
+                if not task.started:
+                    if not task.future.set_running_or_notify_cancel():
+                        continue  # cancelled before it started
+                    task.started = True
+                try:
+                    if task.key not in w.functions:
+                        w.conn.send_bytes(b"F" + _worker.ID.pack(task.key) + self._fn_bytes(task))
+                        w.functions.add(task.key)
+                    w.conn.send_bytes(task.payload)
+                except OSError:  # the worker is dying; its sentinel will tell
+                    w.broken = True
+                    self._pending.appendleft(task)
+                    break
+                w.tasks[task.id] = task
+                running += 1
+
+    def _fn_bytes(self, task: _Task) -> bytes:
+        for _fn, key, data in self._functions.values():
+            if key == task.key:
+                return data
+        raise AssertionError("unknown function key")  # pragma: no cover
+
+    def _receive(self, w: _Worker) -> None:
+        while True:
+            try:
+                if not w.conn.poll():
+                    return
+                data = w.conn.recv_bytes()
+            except (EOFError, OSError):
+                w.broken = True
+                return
+            (task_id,) = _worker.ID.unpack_from(data, 0)
+            task = w.tasks.pop(task_id, None)
+            if task is None:  # pragma: no cover - outcome of a task already failed
+                continue
+            try:
+                value = pickle.loads(data[9:])
+            except Exception as exc:
+                value = RemoteError(type(exc).__qualname__, f"cannot unpickle the outcome: {exc}")
+                ok = False
+            else:
+                ok = data[8:9] == b"1"
+            _settle(task.future, ok, value)
+
+    def _bury(self, w: _Worker) -> None:
+        self._receive(w)  # outcomes sent before it died are not lost
+        w.proc.join(timeout=1)
+        self._workers.remove(w)
+        w.conn.close()
+        tasks = list(w.tasks.values())
+        if not tasks:
+            return
+        if self.concurrent_calls:
+            crashed, requeue = tasks, []
+        else:
+            crashed, requeue = tasks[:1], tasks[1:]
+        with self._lock:
+            self._pending.extendleft(reversed(requeue))
+        for task in crashed:
+            _settle(
+                task.future,
+                False,
+                WorkerCrashedError(
+                    f"worker process {w.proc.pid} died (exit code {w.proc.exitcode}) "
+                    "while running this item"
+                ),
+            )
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            self._closing = True
+            pending, self._pending = list(self._pending), deque()
+        for task in pending:
+            if not task.future.cancel():
+                _settle(task.future, False, CancelledError())
+        for w in self._workers:
+            if self._cancel:
+                w.proc.terminate()
+            else:
+                try:
+                    w.conn.send_bytes(b"")
+                except OSError:
+                    pass
+        for w in self._workers:
+            w.proc.join(timeout=2 if not self._cancel else 0.5)
+            if w.proc.exitcode is None:
+                w.proc.kill()
+                w.proc.join()
+            for task in w.tasks.values():
+                _settle(task.future, False, CancelledError())
+            w.conn.close()
+        self._workers = []
+        self._release()
+
+    def _release(self) -> None:
+        for conn in (self._wake_r, self._wake_w):
+            conn.close()
+
+
+class AsyncProcessBackend(ProcessBackend):
+    """``async def`` functions on an event loop inside each worker process, several calls per
+    process at once: ``workers`` calls in flight, spread over at most one process per core."""
+
+    concurrent_calls = True
+    accepts_sync = False
+    batching = False
+
+
+def _settle(future: Future[Any], ok: bool, value: object) -> None:
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        assert isinstance(value, BaseException)
+        future.set_exception(value)

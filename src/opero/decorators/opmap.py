@@ -1,0 +1,612 @@
+"""``@opmap``: the ``@opero`` chain per item, driven in the caller's process, over a backend.
+
+The map logic lives here once for every backend (:mod:`opero.concurrency`): input checks, the
+bounded number of items in flight, input order, ``on_error``, progress, keyword arguments for
+every call. Resilience is per item and stays in the caller's process: each item runs
+:func:`opero._engine.run_async` on an event loop of the caller's, and only the plain call goes to
+a worker. So one rate limit covers the whole map, the cache (memory included) is shared by all
+items and calls, a worker is never held while an item waits for its backoff, and retries and
+fallbacks are logged once, here. A function with no per-item resilience skips the event loop:
+its calls go straight to the backend, in chunks when the backend's per-call cost is high.
+
+Sync functions are driven by :func:`_outcomes_sync` (futures, from any thread, also inside a
+running event loop: the orchestrating loop then runs in a helper thread); ``async def``
+functions by :func:`_outcomes_async` on the caller's loop. The two are the same algorithm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import itertools
+import os
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any, Generic, Literal, Protocol, TypeVar, overload
+
+from opero._chain import Chain, Limiter, Options, build_chain
+from opero._clock import clock
+from opero._engine import run_async
+from opero.concurrency import Backend, backend_class
+from opero.decorators.opero import check_function, is_async_function
+from opero.errors import MissingExtraError, OpmapError
+
+R = TypeVar("R")
+
+Mode = Literal["thread", "process", "async", "async_process", "pathos", "aiomultiprocess"]
+# (index, ok, value): one item's outcome; value is the exception when ok is False
+Outcome = tuple[int, bool, Any]
+
+_LIST_WINDOW = 1024  # items in flight for a call that returns a list (a stream keeps 2 x workers)
+_MAX_CHUNK = 512
+
+
+def opmap(
+    *,
+    mode: Mode | str = "thread",
+    workers: int = 4,
+    ordered: bool = True,
+    progress: bool = False,
+    on_error: Literal["raise", "return"] = "raise",
+    retries: int = 0,
+    backoff_factor: float = 1.5,
+    min_delay: float = 0.1,
+    max_delay: float = 30.0,
+    jitter: bool = True,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+    fallback_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+    arg_fallback: str | None = None,
+    rate_limit: float | None = None,
+    cache: bool = False,
+    cache_ttl: float | None = None,
+    cache_backend: object = "memory",
+    cache_key: Callable[..., object] | None = None,
+    cache_namespace: str = "opero",
+    cache_maxsize: int = 4096,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_serializer: str = "pickle",
+) -> _Decorator:
+    """Turn a one-item function into a resilient parallel map over many items.
+
+    ``f(items, **kwargs)`` calls ``f(item, **kwargs)`` for every item on ``workers`` threads
+    (``mode="thread"``), processes (``"process"``), coroutines of the caller's loop (``"async"``),
+    event loops in worker processes (``"async_process"``) or the ``"pathos"`` and
+    ``"aiomultiprocess"`` pools, and returns the results in input order (``ordered=False``:
+    completion order). An ``async def`` function gives an awaitable. ``f.stream(items)`` yields
+    results as they are ready, reading the input lazily.
+
+    Every ``@opero`` option applies per item in the caller's process: one rate limit for the
+    whole map, one cache for all items and calls. ``on_error="raise"`` raises
+    :class:`~opero.OpmapError` after every item was attempted; ``"return"`` puts each exception
+    in place of its result. ``progress=True`` shows a tqdm bar. Impossible values raise
+    ``ValueError`` naming the option when decorating.
+    """
+    opts = Options(
+        retries=retries,
+        backoff_factor=backoff_factor,
+        min_delay=min_delay,
+        max_delay=max_delay,
+        jitter=jitter,
+        retry_on=retry_on,
+        fallback_on=fallback_on,
+        arg_fallback=arg_fallback,
+        rate_limit=rate_limit,
+        cache=cache,
+        cache_ttl=cache_ttl,
+        cache_backend=cache_backend,
+        cache_key=cache_key,
+        cache_namespace=cache_namespace,
+        cache_maxsize=cache_maxsize,
+        cache_dir=cache_dir,
+        cache_serializer=cache_serializer,
+    )
+    if not isinstance(mode, str):
+        raise ValueError(f"mode must be a backend name (str), got {mode!r}")
+    backend = backend_class(mode)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if not isinstance(ordered, bool):
+        raise ValueError(f"ordered must be True or False, got {ordered!r}")
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress must be True or False, got {progress!r}")
+    if progress:
+        try:
+            import tqdm  # noqa: F401, PLC0415
+        except ModuleNotFoundError as exc:
+            raise MissingExtraError("@opmap(progress=True)", "progress", "tqdm") from exc
+    if on_error not in ("raise", "return"):
+        raise ValueError(f"on_error must be 'raise' or 'return', got {on_error!r}")
+    settings = _Settings(mode, backend, workers, ordered, progress, on_error)
+
+    def decorate(func: Callable[..., Any]) -> Any:
+        check_function(func, "opmap")
+        is_async = is_async_function(func)
+        if not is_async and not backend.accepts_sync:
+            raise ValueError(
+                f"mode={mode!r} runs async functions; {getattr(func, '__qualname__', func)!r} "
+                "is sync: use mode='process'"
+            )
+        chain = build_chain(func, opts, is_async=True)
+        cls = AsyncOpmap if is_async else Opmap
+        return cls(func, chain, settings)
+
+    return decorate  # type: ignore[return-value]
+
+
+class _Decorator(Protocol):
+    @overload
+    def __call__(self, func: Callable[..., Awaitable[R]]) -> AsyncOpmap[R]: ...
+    @overload
+    def __call__(self, func: Callable[..., R]) -> Opmap[R]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    mode: str
+    backend: type[Backend]
+    workers: int
+    ordered: bool
+    progress: bool
+    on_error: str
+
+
+class _GatedLimiter:
+    """The rate limit, reserved only once a worker is free.
+
+    Reserving first and queueing for a worker afterwards would let queued calls start back to
+    back when workers free up, breaking the limit; so an attempt first takes one of ``workers``
+    slots (released when its call ends), then its start slot.
+    """
+
+    __slots__ = ("_gate", "_inner")
+
+    def __init__(self, inner: Limiter, gate: asyncio.Semaphore) -> None:
+        self._inner = inner
+        self._gate = gate
+
+    def reserve(self, now: float) -> float:  # pragma: no cover - @opmap chains are async
+        raise NotImplementedError
+
+    async def areserve(self, now: float) -> float:
+        await self._gate.acquire()
+        return await self._inner.areserve(clock.monotonic())
+
+
+class _Base(Generic[R]):
+    """What every ``@opmap`` function has: its pool, ``close()`` and context managers."""
+
+    def __init__(self, func: Callable[..., Any], chain: Chain, settings: _Settings) -> None:
+        functools.update_wrapper(self, func)
+        self._func = func
+        self._is_async = is_async_function(func)
+        self._chain = chain
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._pool: Backend | None = None
+        self._active = 0
+        self._plain = (
+            chain.cache is None
+            and chain.fallback is None
+            and chain.limiter is None
+            and chain.retry.attempts == 1
+        )
+        self.opero_chain = chain
+
+    def __repr__(self) -> str:
+        return f"<opmap {self._chain.name} mode={self._settings.mode!r}>"
+
+    # -- pool ownership ------------------------------------------------------------------------
+
+    def _acquire(self) -> Backend:
+        with self._lock:
+            if self._pool is None:
+                self._pool = self._settings.backend(self._settings.workers)
+            self._active += 1
+            return self._pool
+
+    def _release(self, pool: Backend, *, abort: bool) -> None:
+        # An interrupted or cancelled map terminates its workers, unless another call of this
+        # function still uses them; the next call starts a fresh pool.
+        with self._lock:
+            self._active -= 1
+            kill = abort and self._active == 0 and self._pool is pool
+            if kill:
+                self._pool = None
+        if kill:
+            pool.close(cancel=True)
+
+    def close(self) -> None:
+        """Release this function's workers (the next call starts new ones)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
+
+    def cache_clear(self) -> int:
+        """Remove this function's cache entries; return how many were removed."""
+        return 0 if self._chain.cache is None else self._chain.cache.clear_own()
+
+    # -- shared map logic ----------------------------------------------------------------------
+
+    def _chain_for(self, pool: Backend) -> Chain:
+        """This call's chain: the shared layers (one cache, one limiter) with a ``call`` that
+        dispatches the plain call to ``pool``."""
+        func = self._func
+        limiter = self._chain.limiter
+        gate = None
+        if pool.inline or limiter is not None:
+            gate = asyncio.Semaphore(self._settings.workers)
+        call: Callable[..., Awaitable[Any]]
+        if gate is None:
+
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                return await pool.acall(func, args, kwargs)
+
+        elif limiter is None:
+
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                async with gate:
+                    return await pool.acall(func, args, kwargs)
+
+        else:
+            limiter = _GatedLimiter(limiter, gate)
+
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await pool.acall(func, args, kwargs)
+                finally:
+                    gate.release()
+
+        return dataclasses.replace(self._chain, call=call, limiter=limiter)
+
+    def _start(self, items: object, streaming: bool) -> _Run:
+        if isinstance(items, str | bytes | bytearray):
+            raise TypeError(
+                f"{self._chain.name} maps over an iterable of items, got a "
+                f"{type(items).__name__}: wrap it in a list to map over one item"
+            )
+        try:
+            iterator = iter(items)  # type: ignore[call-overload]
+        except TypeError:
+            raise TypeError(
+                f"{self._chain.name} maps over an iterable of items, got {type(items).__name__}"
+            ) from None
+        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+        return _Run(self, iterator, total, streaming)
+
+
+class _Run:
+    """One call's bookkeeping: the window, input order, progress."""
+
+    def __init__(
+        self, owner: _Base[Any], items: Iterator[Any], total: int | None, streaming: bool
+    ) -> None:
+        settings = owner._settings
+        self.items = enumerate(items)
+        self.total = total
+        self.name = owner._chain.name
+        self.on_error = settings.on_error
+        self.ordered = settings.ordered
+        workers = settings.workers
+        self.window = 2 * workers if streaming else max(2 * workers, _LIST_WINDOW)
+        self._next = 0
+        self._buffer: dict[int, tuple[bool, Any]] = {}
+        self._bar: Any = None
+        if settings.progress:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+
+            self._bar = tqdm(total=total, desc=owner.__name__, unit="item")  # type: ignore[attr-defined]
+
+    def room(self, in_flight: int) -> bool:
+        return in_flight + len(self._buffer) < self.window
+
+    def finished(self, index: int, ok: bool, value: object) -> list[Outcome]:
+        """Record one item's outcome; return the outcomes now ready for the caller, in order."""
+        if self._bar is not None:
+            self._bar.update(1)
+        if not self.ordered:
+            return [(index, ok, value)]
+        if index != self._next:
+            self._buffer[index] = (ok, value)
+            return []
+        ready = [(index, ok, value)]
+        self._next += 1
+        while self._next in self._buffer:
+            ready.append((self._next, *self._buffer.pop(self._next)))
+            self._next += 1
+        return ready
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    # -- result shapes, shared by sync and async -----------------------------------------------
+
+    def collect(self, outcomes: list[Outcome]) -> list[Any]:
+        results = [value for _, _, value in outcomes]
+        errors = {index: value for index, ok, value in outcomes if not ok}
+        if errors and self.on_error == "raise":
+            first = min(errors)
+            exc = errors[first]
+            raise OpmapError(
+                f"{self.name}: {len(errors)} of {len(results)} items failed "
+                f"(first: item {first}: {type(exc).__name__}: {exc})",
+                results,
+                errors,
+            ) from exc
+        return results
+
+    def streamed(self, outcome: Outcome) -> Any:
+        index, ok, value = outcome
+        if ok or self.on_error == "return":
+            return value
+        raise OpmapError(
+            f"{self.name}: item {index} failed: {type(value).__name__}: {value}",
+            [],
+            {index: value},
+        ) from value
+
+
+class Opmap(_Base[R]):
+    """A sync function decorated with ``@opmap``: call it with an iterable of items."""
+
+    def __call__(self, items: Iterable[Any], /, **kwargs: Any) -> list[R]:
+        run = self._start(items, streaming=False)
+        try:
+            outcomes = list(_outcomes_sync(self, run, kwargs))
+        finally:
+            run.close()
+        return run.collect(outcomes)
+
+    def stream(self, items: Iterable[Any], /, **kwargs: Any) -> Iterator[R]:
+        """Yield results as they are ready (input order when ``ordered=True``), reading
+        ``items`` lazily with about ``2 x workers`` items in flight."""
+        run = self._start(items, streaming=True)
+        return self._stream(run, kwargs)
+
+    def _stream(self, run: _Run, kwargs: dict[str, Any]) -> Iterator[R]:
+        try:
+            for outcome in _outcomes_sync(self, run, kwargs):
+                yield run.streamed(outcome)
+        finally:
+            run.close()
+
+
+class AsyncOpmap(_Base[R]):
+    """An ``async def`` function decorated with ``@opmap``: await it with an iterable of items."""
+
+    async def __call__(self, items: Iterable[Any], /, **kwargs: Any) -> list[R]:
+        run = self._start(items, streaming=False)
+        try:
+            outcomes = [outcome async for outcome in _outcomes_async(self, run, kwargs)]
+        finally:
+            run.close()
+        return run.collect(outcomes)
+
+    def stream(self, items: Iterable[Any], /, **kwargs: Any) -> AsyncIterator[R]:
+        """Yield results as they are ready (input order when ``ordered=True``), reading
+        ``items`` lazily with about ``2 x workers`` items in flight."""
+        run = self._start(items, streaming=True)
+        return self._stream(run, kwargs)
+
+    async def _stream(self, run: _Run, kwargs: dict[str, Any]) -> AsyncIterator[R]:
+        try:
+            async for outcome in _outcomes_async(self, run, kwargs):
+                yield run.streamed(outcome)
+        finally:
+            run.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the drivers
+
+
+def _outcomes_sync(owner: _Base[Any], run: _Run, kwargs: dict[str, Any]) -> Iterator[Outcome]:
+    """Start items while there is room, yield outcomes as they complete (ordered by ``run``)."""
+    pool = owner._acquire()
+    func = owner._func
+    done: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
+    in_flight: dict[Future[Any], tuple[int, int]] = {}  # future -> (first index, chunk size)
+    helper: _LoopThread | None = None
+    chunks = _Chunks(run.total, pool.workers) if owner._plain and pool.batching else None
+    abort = True
+    try:
+        if owner._plain:
+
+            def start(item: Any) -> Future[Any]:
+                return pool.submit(func, (item,), kwargs)
+
+        else:
+            helper = _LoopThread()
+            chain = owner._chain_for(pool)
+
+            def start(item: Any) -> Future[Any]:
+                assert helper is not None
+                return helper.submit(run_async(chain, (item,), kwargs))
+
+        exhausted = False
+        while True:
+            while not exhausted and run.room(len(in_flight) * (1 if chunks is None else chunks.size)):
+                if chunks is None:
+                    entry = next(run.items, None)
+                    if entry is None:
+                        exhausted = True
+                        break
+                    future = start(entry[1])
+                    in_flight[future] = (entry[0], 0)
+                else:
+                    batch = list(itertools.islice(run.items, chunks.size))
+                    if not batch:
+                        exhausted = True
+                        break
+                    future = pool.submit(_call_chunk(), (func, [i for _, i in batch], kwargs), {})
+                    chunks.sent(future)
+                    in_flight[future] = (batch[0][0], len(batch))
+                future.add_done_callback(done.put)
+            if not in_flight:
+                break
+            future = done.get()
+            first, count = in_flight.pop(future)
+            if chunks is not None:
+                chunks.received(future)
+            for outcome in _expand(future, first, count):
+                yield from run.finished(*outcome)
+        abort = False
+    except (GeneratorExit, Exception):
+        # The consumer stopped reading a stream, or the input iterator failed: not an interrupt.
+        abort = False
+        raise
+    finally:
+        for future in in_flight:
+            future.cancel()
+        if helper is not None:
+            helper.stop()
+        owner._release(pool, abort=abort)
+
+
+async def _outcomes_async(
+    owner: _Base[Any], run: _Run, kwargs: dict[str, Any]
+) -> AsyncIterator[Outcome]:
+    """:func:`_outcomes_sync` on the caller's event loop."""
+    pool = owner._acquire()
+    loop = asyncio.get_running_loop()
+    chain = owner._chain_for(pool)
+    call = chain.call
+    plain = owner._plain
+    ready: list[asyncio.Task[Any]] = []
+    waiter: asyncio.Future[None] | None = None
+    in_flight: dict[asyncio.Task[Any], int] = {}
+
+    def on_done(task: asyncio.Task[Any]) -> None:
+        ready.append(task)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    abort = True
+    try:
+        exhausted = False
+        while True:
+            while not exhausted and run.room(len(in_flight)):
+                entry = next(run.items, None)
+                if entry is None:
+                    exhausted = True
+                    break
+                index, item = entry
+                coro = call(item, **kwargs) if plain else run_async(chain, (item,), kwargs)
+                task = loop.create_task(coro)
+                in_flight[task] = index
+                task.add_done_callback(on_done)
+            if not in_flight:
+                break
+            if not ready:
+                waiter = loop.create_future()
+                await waiter
+            batch, ready[:] = ready[:], []
+            for task in batch:
+                index = in_flight.pop(task)
+                exc = task.exception() if not task.cancelled() else asyncio.CancelledError()
+                outcome = (index, False, exc) if exc is not None else (index, True, task.result())
+                for item_outcome in run.finished(*outcome):
+                    yield item_outcome
+        abort = False
+    except (GeneratorExit, Exception):
+        abort = False
+        raise
+    finally:
+        for task in in_flight:
+            task.cancel()
+        if in_flight:
+            await asyncio.gather(*in_flight, return_exceptions=True)
+        owner._release(pool, abort=abort)
+
+
+def _expand(future: Future[Any], first: int, chunk: int) -> Iterator[Outcome]:
+    """The per-item outcomes of one finished future: one item (``chunk == 0``) or a chunk."""
+    try:
+        value = future.result()
+    except BaseException as exc:
+        for index in range(first, first + max(chunk, 1)):
+            yield index, False, exc
+        return
+    if chunk == 0:
+        yield first, True, value
+        return
+    for offset, (ok, item_value) in enumerate(value):
+        yield first + offset, ok, item_value
+
+
+@functools.cache
+def _call_chunk() -> Callable[..., Any]:
+    from opero.concurrency._worker import call_chunk  # noqa: PLC0415 - needs cloudpickle
+
+    return call_chunk
+
+
+class _Chunks:
+    """How many items to send per call when calls are batched.
+
+    A known length is split into about four chunks per worker; an unknown one starts with one
+    item per chunk and doubles while chunks come back in under 20 ms, so a slow function is not
+    batched and a trivial one quickly is.
+    """
+
+    def __init__(self, total: int | None, workers: int) -> None:
+        if total is not None:
+            self.size = max(1, min(_MAX_CHUNK, total // (4 * workers)))
+            self._adaptive = False
+        else:
+            self.size = 1
+            self._adaptive = True
+        self._sent: dict[Future[Any], float] = {}
+
+    def sent(self, future: Future[Any]) -> None:
+        if self._adaptive:
+            self._sent[future] = time.perf_counter()
+
+    def received(self, future: Future[Any]) -> None:
+        started = self._sent.pop(future, None)
+        if started is not None and time.perf_counter() - started < 0.02:
+            self.size = min(_MAX_CHUNK, self.size * 2)
+
+
+class _LoopThread:
+    """An event loop in a helper thread, for the per-item chains of a sync call."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="opero-opmap-loop", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, coro: Any) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(_cancel_all(), self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+async def _cancel_all() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
