@@ -12,7 +12,8 @@ from opero._log import configure_logging
 from opero.cache import clear_cache
 from opero.core.cache import CacheBackend
 from opero.decorators.opero import opero
-from opero.errors import FallbackError, OperoError
+from opero.decorators.opmap import opmap
+from opero.errors import FallbackError, OperoError, OpmapError, WorkerCrashedError
 
 try:
     __version__ = version("opero")
@@ -23,8 +24,11 @@ __all__ = [
     "CacheBackend",
     "FallbackError",
     "OperoError",
+    "OpmapError",
+    "WorkerCrashedError",
     "__version__",
     "clear_cache",
     "configure_logging",
     "opero",
+    "opmap",
 ]
