@@ -1,4 +1,4 @@
-"""opero against a real (local) flaky HTTP API: ``python -m opero.demo``.
+"""Run ``@opero`` against a local HTTP API that fails like real ones: ``python -m opero.demo``.
 
 The demo starts :class:`~opero._demo_service.FlakyService` on a free port of 127.0.0.1. The service
 drops connections and answers 503 at random, answers 429 to a key called faster than its quota and
@@ -143,6 +143,10 @@ class _Probe:
         self._lock = threading.Lock()
         self._local = threading.local()
 
+    def reset(self) -> None:
+        with self._lock:
+            self.attempts = 0
+
     def begin(self) -> None:
         self._local.fresh = True
 
@@ -158,26 +162,35 @@ class _Probe:
         return hit
 
 
-def make_fetch(base_url: str, cfg: DemoConfig, probe: _Probe) -> Callable[..., dict[str, object]]:
-    """The demo's client function: one decorated function per run, so each run has a fresh cache."""
+# Client-side counters, reset by each part of the demo.
+_probe = _Probe()
 
-    @opero(
-        retries=cfg.retries,
+
+def fetch_item(
+    base_url: str, item_id: int, api_key: Sequence[str] = (PRIMARY_KEY, BACKUP_KEY)
+) -> dict[str, object]:
+    """GET one item with the first key of ``api_key``.
+
+    With ``arg_fallback="api_key"`` opero passes the current candidate first and the untried ones
+    after it, so ``api_key[0]`` is always the key to use now.
+    """
+    _probe.entered()
+    return http_get_json(f"{base_url}/items/{item_id}", api_key[0])
+
+
+def resilient_fetch(cfg: DemoConfig) -> Callable[..., dict[str, object]]:
+    """``fetch_item`` under ``@opero``: decorated per run, so each run starts with a fresh cache
+    and its own rate limiter (``@opero(...)`` on the ``def`` does the same thing)."""
+    return opero(
+        retries=cfg.retries,  # 503s and dropped connections: try again, with backoff
         min_delay=0.02,
         max_delay=0.5,
         retry_on=TransientError,
-        arg_fallback="api_key",
+        arg_fallback="api_key",  # 401 on the revoked key: move on to the backup key
         fallback_on=AuthError,
-        rate_limit=cfg.rate_limit,
-        cache=True,
-    )
-    def fetch_item(
-        item_id: int, api_key: Sequence[str] = (PRIMARY_KEY, BACKUP_KEY)
-    ) -> dict[str, object]:
-        probe.entered()
-        return http_get_json(f"{base_url}/items/{item_id}", api_key[0])
-
-    return fetch_item
+        rate_limit=cfg.rate_limit,  # shared by every thread, kept under the server's quota
+        cache=True,  # a repeated id costs no request
+    )(fetch_item)
 
 
 def workload(cfg: DemoConfig) -> list[int]:
@@ -193,8 +206,9 @@ def workload(cfg: DemoConfig) -> list[int]:
 
 def run_opero_part(service: FlakyService, cfg: DemoConfig) -> PartResult:
     """Fetch the workload from ``cfg.workers`` threads through one ``@opero`` function."""
-    probe = _Probe()
-    fetch = make_fetch(service.url, cfg, probe)
+    probe = _probe
+    probe.reset()
+    fetch = resilient_fetch(cfg)
     ids = workload(cfg)
     result = PartResult(f"@opero, {cfg.workers} threads", fetches=len(ids))
     records = _OperoRecords()
@@ -207,7 +221,7 @@ def run_opero_part(service: FlakyService, cfg: DemoConfig) -> PartResult:
         nonlocal hits
         probe.begin()
         try:
-            data = fetch(item)
+            data = fetch(service.url, item)
         except Exception as exc:  # a failed fetch is reported, not raised
             print(f"  fetch {item} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             probe.end()
