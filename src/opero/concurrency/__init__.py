@@ -49,6 +49,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import atexit
+import contextlib
 import importlib
 import multiprocessing.util  # noqa: F401 - see _close_all: its exit handler must be registered first
 import threading
@@ -142,7 +143,8 @@ def backend_class(mode: str) -> type[Backend]:
             raise
         raise MissingExtraError(f"@opmap(mode={mode!r})", entry.extra, missing) from exc
     cls = getattr(module, class_name)
-    assert isinstance(cls, type) and issubclass(cls, Backend)
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):  # pragma: no cover
+        raise TypeError(f"{entry.target} is not an opero.concurrency.Backend")
     return cls
 
 
@@ -157,7 +159,5 @@ def _close_all() -> None:
     with _exit_lock:
         backends = list(_live)
     for backend in backends:
-        try:
+        with contextlib.suppress(Exception):  # nothing useful to do about it at exit
             backend.close(cancel=True)
-        except Exception:  # pragma: no cover - nothing useful to do at exit
-            pass

@@ -12,6 +12,7 @@ Wire format on the pipe (one message per ``send_bytes``):
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 import pickle
@@ -48,28 +49,33 @@ def portable_exception(exc: BaseException) -> BaseException:
 def encode_outcome(task: int, ok: bool, value: object) -> bytes:
     if ok:
         try:
-            return ID.pack(task) + b"1" + cloudpickle.dumps(value)
+            return ID.pack(task) + b"1" + _dumps(value)
         except Exception as exc:
             value = RemoteError(
                 type(exc).__qualname__, f"the result could not be pickled: {exc}", ""
             )
-        return ID.pack(task) + b"0" + cloudpickle.dumps(value)
+        return ID.pack(task) + b"0" + _dumps(value)
     assert isinstance(value, BaseException)
-    value = portable_exception(value)
-    return ID.pack(task) + b"0" + cloudpickle.dumps(value)
+    return ID.pack(task) + b"0" + _dumps(portable_exception(value))
+
+
+def _dumps(value: object) -> bytes:
+    data: bytes = cloudpickle.dumps(value)
+    return data
 
 
 def call_chunk(
     fn: Callable[..., Any], items: list[Any], kwargs: dict[str, Any]
 ) -> list[tuple[bool, Any]]:
     """Run ``fn(item, **kwargs)`` for a batch of items; each outcome is ``(ok, value)``."""
-    out: list[tuple[bool, Any]] = []
-    for item in items:
-        try:
-            out.append((True, fn(item, **kwargs)))
-        except Exception as exc:
-            out.append((False, portable_exception(exc)))
-    return out
+    return [_call_one(fn, item, kwargs) for item in items]
+
+
+def _call_one(fn: Callable[..., Any], item: Any, kwargs: dict[str, Any]) -> tuple[bool, Any]:
+    try:
+        return True, fn(item, **kwargs)
+    except Exception as exc:
+        return False, portable_exception(exc)
 
 
 def _watch_parent(parent: int) -> None:
@@ -128,7 +134,7 @@ def main(conn: Any, concurrency: int, parent: int) -> None:
                 send(encode_outcome(task, True, value))
         else:
             future = asyncio.run_coroutine_threadsafe(result, loop)
-            future.add_done_callback(lambda f, task=task: _reply(send, task, f))
+            future.add_done_callback(functools.partial(_reply, send, task))
 
 
 def _reply(send: Callable[[bytes], None], task: int, future: Any) -> None:

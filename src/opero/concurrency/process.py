@@ -14,6 +14,7 @@ calls, and ignore SIGINT: the parent decides when they stop.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import multiprocessing
@@ -280,10 +281,8 @@ class ProcessBackend(Backend):
             if self._cancel:
                 w.proc.terminate()
             else:
-                try:
+                with contextlib.suppress(OSError):
                     w.conn.send_bytes(b"")
-                except OSError:
-                    pass
         for w in self._workers:
             w.proc.join(timeout=2 if not self._cancel else 0.5)
             if w.proc.exitcode is None:

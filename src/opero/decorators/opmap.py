@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sized
 from concurrent.futures import Future
 from typing import Any, Generic, Literal, Protocol, TypeVar, overload
 
@@ -104,14 +104,14 @@ def opmap(
         cache_dir=cache_dir,
         cache_serializer=cache_serializer,
     )
-    if not isinstance(mode, str):
+    if type(mode) is not str:
         raise ValueError(f"mode must be a backend name (str), got {mode!r}")
     backend = backend_class(mode)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-    if not isinstance(ordered, bool):
+    if type(ordered) is not bool:
         raise ValueError(f"ordered must be True or False, got {ordered!r}")
-    if not isinstance(progress, bool):
+    if type(progress) is not bool:
         raise ValueError(f"progress must be True or False, got {progress!r}")
     if progress:
         try:
@@ -134,12 +134,14 @@ def opmap(
         cls = AsyncOpmap if is_async else Opmap
         return cls(func, chain, settings)
 
-    return decorate  # type: ignore[return-value]
+    return decorate
 
 
 class _Decorator(Protocol):
     @overload
-    def __call__(self, func: Callable[..., Awaitable[R]]) -> AsyncOpmap[R]: ...
+    def __call__(  # type: ignore[overload-overlap]
+        self, func: Callable[..., Awaitable[R]]
+    ) -> AsyncOpmap[R]: ...
     @overload
     def __call__(self, func: Callable[..., R]) -> Opmap[R]: ...
 
@@ -180,7 +182,7 @@ class _Base(Generic[R]):
     """What every ``@opmap`` function has: its pool, ``close()`` and context managers."""
 
     def __init__(self, func: Callable[..., Any], chain: Chain, settings: _Settings) -> None:
-        functools.update_wrapper(self, func)
+        functools.update_wrapper(self, func)  # type: ignore[arg-type]
         self._func = func
         self._is_async = is_async_function(func)
         self._chain = chain
@@ -287,7 +289,7 @@ class _Base(Generic[R]):
             raise TypeError(
                 f"{self._chain.name} maps over an iterable of items, got {type(items).__name__}"
             ) from None
-        total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+        total = len(items) if isinstance(items, Sized) else None
         return _Run(self, iterator, total, streaming)
 
 
@@ -311,7 +313,7 @@ class _Run:
         if settings.progress:
             from tqdm.auto import tqdm  # noqa: PLC0415
 
-            self._bar = tqdm(total=total, desc=owner.__name__, unit="item")  # type: ignore[attr-defined]
+            self._bar = tqdm(total=total, desc=owner._func.__name__, unit="item")
 
     def room(self, in_flight: int) -> bool:
         return in_flight + len(self._buffer) < self.window
@@ -442,7 +444,7 @@ def _outcomes_sync(owner: _Base[Any], run: _Run, kwargs: dict[str, Any]) -> Iter
 
         exhausted = False
         while True:
-            while not exhausted and run.room(len(in_flight) * (1 if chunks is None else chunks.size)):
+            while not exhausted and run.room(len(in_flight) * (chunks.size if chunks else 1)):
                 if chunks is None:
                     entry = next(run.items, None)
                     if entry is None:
