@@ -2,7 +2,8 @@
 
 For every call, outermost first::
 
-    cache lookup  ->  fallback over candidates  ->  retry (per candidate)  ->  rate limit (per attempt)  ->  the call
+    cache lookup -> fallback over candidates -> retry (per candidate)
+                 -> rate limit (per attempt) -> the call
 
 So a cache hit costs no rate-limit token and no attempt, every real attempt (retries and fallbacks
 included) takes a token, and each fallback candidate gets its own ``retries + 1`` attempts.
@@ -12,6 +13,7 @@ included) takes a token, and each fallback candidate gets its own ``retries + 1`
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -73,18 +75,23 @@ class Chain:
 
 def _check_cache_options(opts: Options) -> None:
     if not isinstance(opts.cache, bool):
-        raise ValueError(f"cache must be True or False, got {opts.cache!r}")
+        # ValueError, like every impossible option value (issue 2), not TypeError
+        raise ValueError(f"cache must be True or False, got {opts.cache!r}")  # noqa: TRY004
     if opts.cache_ttl is not None and (
         isinstance(opts.cache_ttl, bool)
         or not isinstance(opts.cache_ttl, int | float)
         or not math.isfinite(opts.cache_ttl)
         or opts.cache_ttl <= 0
     ):
-        raise ValueError(f"cache_ttl must be a positive number of seconds or None, got {opts.cache_ttl!r}")
+        raise ValueError(
+            f"cache_ttl must be a positive number of seconds or None, got {opts.cache_ttl!r}"
+        )
     if opts.cache_key is not None and not callable(opts.cache_key):
         raise ValueError(f"cache_key must be a callable or None, got {opts.cache_key!r}")
     if not isinstance(opts.cache_namespace, str) or not opts.cache_namespace:
-        raise ValueError(f"cache_namespace must be a non-empty string, got {opts.cache_namespace!r}")
+        raise ValueError(
+            f"cache_namespace must be a non-empty string, got {opts.cache_namespace!r}"
+        )
     if (
         isinstance(opts.cache_maxsize, bool)
         or not isinstance(opts.cache_maxsize, int)
@@ -96,6 +103,14 @@ def _check_cache_options(opts: Options) -> None:
         for name in ("cache_ttl", "cache_backend", "cache_key", "cache_dir"):
             if getattr(opts, name) != getattr(defaults, name):
                 raise ValueError(f"{name}={getattr(opts, name)!r} has no effect without cache=True")
+
+
+def callable_name(func: Callable[..., Any]) -> str:
+    """``module.qualname`` for log lines and errors; partials and callable objects have none."""
+    target = func.func if isinstance(func, functools.partial) else func
+    module = getattr(target, "__module__", None) or type(target).__module__
+    qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
+    return f"{module}.{qualname}"
 
 
 def build_chain(
@@ -148,11 +163,10 @@ def build_chain(
     return Chain(
         func=func,
         call=func if call is None else call,
-        name=f"{func.__module__}.{func.__qualname__}",
+        name=callable_name(func),
         cache=layer,
         fallback=fallback,
         fallback_on=fallback_on,
         retry=retry,
         limiter=limiter,
     )
-

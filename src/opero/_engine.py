@@ -73,7 +73,7 @@ def _fallback_sync(chain: Chain, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     for index, (cargs, ckwargs) in enumerate(fallback.candidates(values, args, kwargs)):
         try:
             return _retry_sync(chain, cargs, ckwargs)
-        except Exception as exc:
+        except Exception as exc:  # noqa: PERF203 - runs only when a candidate failed
             if not isinstance(exc, chain.fallback_on):
                 raise
             errors.append(exc)
@@ -170,7 +170,7 @@ async def _fallback_async(chain: Chain, args: tuple[Any, ...], kwargs: dict[str,
     for index, (cargs, ckwargs) in enumerate(fallback.candidates(values, args, kwargs)):
         try:
             return await _retry_async(chain, cargs, ckwargs)
-        except Exception as exc:
+        except Exception as exc:  # noqa: PERF203 - runs only when a candidate failed
             if not isinstance(exc, chain.fallback_on):
                 raise
             errors.append(exc)

@@ -78,7 +78,7 @@ class RemoteError(OperoError):
 
 
 class RateLimitUnavailableError(OperoError):
-    """The shared rate limit's store (Redis) could not be reached and ``rate_limit_on_error="raise"``.
+    """The shared rate limit's store (Redis) was unreachable with ``rate_limit_on_error="raise"``.
 
     ``__cause__`` is the store's own error; the call was not made.
     """

@@ -1,4 +1,4 @@
-"""Fallback policy: the candidate values of one parameter, found through the function's signature."""
+"""Fallback policy: the candidate values of one parameter, found through the signature."""
 
 from __future__ import annotations
 
@@ -40,9 +40,7 @@ class Fallback:
         self.name = name
         self.default: object = param.default
         positional = (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
-        self.position: int | None = (
-            list(params).index(name) if param.kind in positional else None
-        )
+        self.position: int | None = list(params).index(name) if param.kind in positional else None
 
     def values(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Sequence[object] | None:
         """The candidate sequence of this call, or None when there is nothing to fall back over."""
@@ -64,7 +62,9 @@ class Fallback:
         self, values: Sequence[object], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
         """Arguments for candidate 0, 1, ...: the parameter replaced by ``values[i:]``."""
-        in_args = self.name not in kwargs and self.position is not None and self.position < len(args)
+        in_args = (
+            self.name not in kwargs and self.position is not None and self.position < len(args)
+        )
         for i in range(len(values)):
             rest = values[i:]
             if in_args:

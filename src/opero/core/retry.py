@@ -63,7 +63,7 @@ class RetryPolicy:
                 f"min_delay ({min_delay!r}) must not be greater than max_delay ({max_delay!r})"
             )
         if not isinstance(jitter, bool):
-            raise ValueError(f"jitter must be True or False, got {jitter!r}")
+            raise ValueError(f"jitter must be True or False, got {jitter!r}")  # noqa: TRY004
         self.attempts = retries + 1
         self.retry_on = _check_retry_on(retry_on)
         self.wait: wait_base
@@ -93,6 +93,7 @@ class RetryPolicy:
 
     def delay(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""
-        state = RetryCallState(None, None, (), {})
+        # tenacity's waits read only attempt_number: no Retrying object is needed (or built)
+        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
         state.attempt_number = retry
         return float(self.wait(state))

@@ -86,7 +86,7 @@ def opero(
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
         if isinstance(func, classmethod | staticmethod):
-            return type(func)(decorate(func.__func__))  # type: ignore[return-value]
+            return type(func)(decorate(func.__func__))
         check_function(func, "opero")
         is_async = is_async_function(func)
         chain = build_chain(func, opts, is_async=is_async)
