@@ -167,7 +167,7 @@ _probe = _Probe()
 
 
 def fetch_item(
-    base_url: str, item_id: int, api_key: Sequence[str] = (PRIMARY_KEY, BACKUP_KEY)
+    item_id: int, base_url: str, api_key: Sequence[str] = (PRIMARY_KEY, BACKUP_KEY)
 ) -> dict[str, object]:
     """GET one item with the first key of ``api_key``.
 
@@ -221,7 +221,7 @@ def run_opero_part(service: FlakyService, cfg: DemoConfig) -> PartResult:
         nonlocal hits
         probe.begin()
         try:
-            data = fetch(service.url, item)
+            data = fetch(item, service.url)
         except Exception as exc:  # a failed fetch is reported, not raised
             print(f"  fetch {item} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             probe.end()
