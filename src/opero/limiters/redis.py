@@ -21,7 +21,6 @@ import hashlib
 import math
 import os
 import threading
-import weakref
 from collections.abc import AsyncGenerator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -102,9 +101,10 @@ _CLIENT_OPTIONS: dict[str, Any] = {
 }
 _clients_lock = threading.Lock()
 _clients: dict[str, redis.Redis] = {}
-_aclients: weakref.WeakKeyDictionary[
+# A plain dict: each entry's connections refer to their loop, so weak keys would never be freed.
+_aclients: dict[
     asyncio.AbstractEventLoop, tuple[dict[str, aredis.Redis], AsyncGenerator[None, None]]
-] = weakref.WeakKeyDictionary()
+] = {}
 
 
 def _client(url: str) -> redis.Redis:
@@ -121,18 +121,19 @@ def _client(url: str) -> redis.Redis:
 
 async def _aclient(url: str) -> aredis.Redis:
     loop = asyncio.get_running_loop()
-    with _clients_lock:
-        entry = _aclients.get(loop)
+    entry = _aclients.get(loop)
     if entry is None:
         clients: dict[str, aredis.Redis] = {}
-        closer = _close_at_loop_shutdown(clients)
+        closer = _close_at_loop_shutdown(loop, clients)
         # Started here, the generator is tracked by the loop, whose shutdown_asyncgens() (run by
         # asyncio.run and every asyncio.Runner) finalises it: the clients are closed while their
         # loop still runs, instead of warning "unclosed Connection" when collected later.
         await closer.__anext__()
-        entry = (clients, closer)
         with _clients_lock:
-            _aclients[loop] = entry
+            # A loop closed without shutdown_asyncgens() never ran its closer: forget it here.
+            for old in [old for old in _aclients if old.is_closed()]:
+                del _aclients[old]
+            entry = _aclients[loop] = (clients, closer)
     clients = entry[0]
     client = clients.get(url)
     if client is None:
@@ -142,15 +143,16 @@ async def _aclient(url: str) -> aredis.Redis:
 
 
 async def _close_at_loop_shutdown(
-    clients: dict[str, aredis.Redis],
+    loop: asyncio.AbstractEventLoop, clients: dict[str, aredis.Redis]
 ) -> AsyncGenerator[None, None]:
     try:
         yield
     finally:
-        for client in list(clients.values()):
+        with _clients_lock:
+            _aclients.pop(loop, None)
+        for client in clients.values():
             with contextlib.suppress(RedisError):
                 await client.aclose()
-        clients.clear()
 
 
 # ---------------------------------------------------------------------------------------------
