@@ -27,5 +27,5 @@ def configure_logging(
     _handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     _handler.setFormatter(logging.Formatter(fmt or _DEFAULT_FORMAT))
     logger.addHandler(_handler)
-    logger.setLevel(level)
+    logger.setLevel(level.upper() if isinstance(level, str) else level)  # "info" works too
     return logger

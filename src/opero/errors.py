@@ -95,5 +95,9 @@ class MissingExtraError(OperoError, ImportError):
         super().__init__(
             f"{feature} needs the optional dependency {module!r}: pip install 'opero[{extra}]'"
         )
+        self.feature = feature
         self.extra = extra
         self.name = module
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.feature, self.extra, self.name))
