@@ -81,12 +81,13 @@ def redis_answers(url: str) -> bool:
         client.close()
 
 
-def start_redis_server(port: int) -> subprocess.Popen[bytes]:
+def start_redis_server(port: int, *extra: str) -> subprocess.Popen[bytes]:
     """A throwaway redis-server on ``port`` (no persistence); waits until it answers."""
     proc = subprocess.Popen(
         [
             *f"redis-server --port {port} --bind 127.0.0.1".split(),
             *("--save", "", "--appendonly", "no", "--daemonize", "no"),
+            *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
