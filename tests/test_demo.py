@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
 from opero._demo_service import BACKUP_KEY, PRIMARY_KEY, FlakyService
+from opero._log import logger
 from opero.demo import (
     AuthError,
     DemoConfig,
@@ -31,6 +34,17 @@ SMALL_ARGS = [
 ]
 
 
+@pytest.fixture
+def quiet_opero_logger() -> Iterator[None]:
+    # Another test (or the user) may have left the opero logger above WARNING.
+    saved = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    assert logger.level == logging.ERROR  # the demo restored it
+    logger.setLevel(saved)
+
+
+@pytest.mark.usefixtures("quiet_opero_logger")
 def test_numbers_add_up() -> None:
     (part,) = run_demo(SMALL)
     out = part.outcomes

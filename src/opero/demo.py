@@ -17,6 +17,7 @@ and exits with status 1 if any fetch failed or any 429 came back.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import random
@@ -25,7 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -130,6 +131,21 @@ class _OperoRecords(logging.Handler):
                 self.fallbacks += 1
 
 
+@contextlib.contextmanager
+def _counting_records() -> Iterator[_OperoRecords]:
+    """Count opero's decisions inside the block, whatever level the ``opero`` logger was left at."""
+    records = _OperoRecords()
+    saved = logger.level
+    if not logger.isEnabledFor(logging.WARNING):
+        logger.setLevel(logging.WARNING)
+    logger.addHandler(records)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(saved)
+
+
 class _Probe:
     """Client-side counters: body entries (attempts) and calls that reached the body (misses).
 
@@ -211,8 +227,6 @@ def run_opero_part(service: FlakyService, cfg: DemoConfig) -> PartResult:
     fetch = resilient_fetch(cfg)
     ids = workload(cfg)
     result = PartResult(f"@opero, {cfg.workers} threads", fetches=len(ids))
-    records = _OperoRecords()
-    logger.addHandler(records)
     first = len(service.hits)
     hits = 0
     hits_lock = threading.Lock()
@@ -231,13 +245,11 @@ def run_opero_part(service: FlakyService, cfg: DemoConfig) -> PartResult:
                 hits += 1
         return data.get("id") == item
 
-    start = time.perf_counter()
-    try:
+    with _counting_records() as records:
+        start = time.perf_counter()
         with ThreadPoolExecutor(cfg.workers, thread_name_prefix="opero-demo") as pool:
             succeeded = list(pool.map(one, ids))
-    finally:
         result.wall = time.perf_counter() - start
-        logger.removeHandler(records)
     outcomes = service.outcomes(first)
     result.failed = succeeded.count(False)
     result.requests = sum(outcomes.values())
