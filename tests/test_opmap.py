@@ -258,6 +258,8 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch, mode: str, modu
     import sys
 
     target = {"pathos": "opero.concurrency.pathos", "aiomultiprocess": "opero.concurrency.aiomp"}
+    for name in [n for n in sys.modules if n == module or n.startswith(module + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.delitem(sys.modules, target[mode], raising=False)
     with pytest.raises(MissingExtraError, match=rf"opero\[{mode}\]"):
