@@ -176,9 +176,14 @@ class KeyBuilder:
     Arguments are bound to the signature with defaults applied, so ``f(1)``, ``f(1, 2)`` and
     ``f(a=1, b=2)`` share a key when ``b`` defaults to 2. When the call is already canonical (all
     parameters passed positionally, nothing else) binding is skipped.
+
+    The text that is hashed is ``repr()`` of the tuple of values when every value is a primitive
+    (``int``, ``float``, ``str``, ``bytes``, ``bool``, ``None``: their repr is deterministic and
+    tells the types apart), else the type-tagged form of :func:`serialise_for_key` of each value,
+    joined by ``\x1f``. The two forms cannot collide: only the first starts with ``(``.
     """
 
-    __slots__ = ("_key_fn", "_n_params", "_names", "_signature", "prefix")
+    __slots__ = ("_key_fn", "_memo", "_n_params", "_names", "_signature", "prefix")
 
     def __init__(
         self, func: Callable[..., Any], namespace: str, key_fn: Callable[..., object] | None
@@ -190,28 +195,42 @@ class KeyBuilder:
         self._names = [p.name for p in params]
         simple = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
         self._n_params = len(params) if simple else -1
+        # Recent short texts and their keys: a repeated call (a cache hit) skips the hash. A pure
+        # memo of a pure function, so it cannot change a key; bounded, and cleared when full.
+        self._memo: dict[str, str] = {}
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         if self._key_fn is not None:
-            text = _argument_text("cache_key", self._key_fn(*args, **kwargs))
-            return self.prefix + blake2b(text.encode(), digest_size=20).hexdigest()
+            return self._hash(_argument_text("cache_key", self._key_fn(*args, **kwargs)))
         if not kwargs and len(args) == self._n_params:
-            # Canonical call of primitives: the same text as the general path below (so f(1, 2)
-            # and f(1, b=2) share a key), built without binding or the recursive encoder.
             if _PRIMITIVES.issuperset(map(type, args)):
-                return (
-                    self.prefix
-                    + blake2b("\x1f".join(map(repr, args)).encode(), digest_size=20).hexdigest()
-                )
+                text = repr(args)
+                key = self._memo.get(text)
+                return self._hash(text) if key is None else key
             values = dict(zip(self._names, args, strict=True))
         else:
             bound = self._signature.bind(*args, **kwargs)
             bound.apply_defaults()
             values = bound.arguments
-        parts: list[str] = []
-        for name, value in values.items():
-            parts.append(_argument_text(name, value))
-        return self.prefix + blake2b("\x1f".join(parts).encode(), digest_size=20).hexdigest()
+        if _PRIMITIVES.issuperset(map(type, values.values())):
+            return self._hash(repr(tuple(values.values())))
+        return self._hash("\x1f".join([_argument_text(n, v) for n, v in values.items()]))
+
+    def _hash(self, text: str) -> str:
+        memo = self._memo
+        key = memo.get(text)
+        if key is not None:
+            return key
+        key = self.prefix + blake2b(text.encode(), digest_size=20).hexdigest()
+        if len(text) <= _MEMO_TEXT:
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[text] = key
+        return key
+
+
+_MEMO_SIZE = 256
+_MEMO_TEXT = 256
 
 
 def _argument_text(name: str, value: Any) -> str:
