@@ -429,3 +429,31 @@ def test_namespaces_separate_caches():
     f(1)
     assert clear_cache("ns-b") == 0
     assert len(calls) == 1
+
+
+@pytest.mark.timeout(10)
+def test_single_flight_across_event_loops_in_two_threads():
+    calls: list[object] = []
+    entered = threading.Event()
+    release = threading.Event()
+
+    @opero(cache=True)
+    async def slow(a: int) -> int:
+        calls.append(a)
+        entered.set()
+        while not release.is_set():
+            await asyncio.sleep(0.005)
+        return a + 1
+
+    results: list[object] = []
+    leader = threading.Thread(target=lambda: results.append(asyncio.run(slow(1))))
+    follower = threading.Thread(target=lambda: results.append(asyncio.run(slow(1))))
+    leader.start()
+    entered.wait(5)
+    follower.start()
+    time.sleep(0.05)  # the follower's loop now waits on the leader's flight
+    release.set()
+    leader.join(5)
+    follower.join(5)
+    assert results == [2, 2]
+    assert calls == [1]

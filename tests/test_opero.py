@@ -6,11 +6,13 @@ import asyncio
 import functools
 import inspect
 import math
+import sys
 
 import pytest
 
 import opero as opero_pkg
 from opero import FallbackError, opero
+from opero.errors import MissingExtraError
 from opero.testing import fake_time
 
 
@@ -244,3 +246,24 @@ def test_partials_and_callable_objects_can_be_decorated(mode, options):
     g = opero(min_delay=0, **options)(Flaky())
     with fake_time():
         assert g(3) == 3
+
+
+@pytest.mark.parametrize(
+    ("backend", "module"),
+    [("disk", "diskcache"), ("redis", "redis"), ("redis://127.0.0.1:6379/9", "redis")],
+)
+def test_persistent_backend_without_its_extra_fails_when_decorating(monkeypatch, backend, module):
+    # Never a silent memory cache: the missing extra is named when decorating.
+    monkeypatch.setitem(sys.modules, module, None)
+    for name in list(sys.modules):
+        if name.startswith(("opero.cache.disk", "opero.cache.redis")):
+            monkeypatch.delitem(sys.modules, name)
+    extra = "disk" if backend == "disk" else "redis"
+    with pytest.raises(MissingExtraError, match=rf"opero\[{extra}\]"):
+        opero(cache=True, cache_backend=backend)(plain)
+
+
+@pytest.mark.parametrize("backend", ["Memory", "sqlite", "disk ", "rediss"])
+def test_unknown_backend_names_are_value_errors(backend):
+    with pytest.raises(ValueError, match="cache_backend"):
+        opero(cache=True, cache_backend=backend)(plain)
