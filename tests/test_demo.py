@@ -26,7 +26,14 @@ from opero.demo import (
 # Small and fast, with the same shape as the default run: a client rate under the server's quota,
 # and a burst allowance that absorbs a server thread stalled for ~100 ms on a loaded machine.
 SMALL = DemoConfig(
-    fetches=60, ids=40, workers=8, rate_limit=200.0, quota=300.0, burst=20, error_rate=0.3
+    fetches=60,
+    ids=40,
+    workers=8,
+    map_workers=4,
+    rate_limit=200.0,
+    quota=300.0,
+    burst=20,
+    error_rate=0.3,
 )
 SMALL_ARGS = [
     *("--fetches", "60", "--ids", "40"),
@@ -46,29 +53,38 @@ def quiet_opero_logger() -> Iterator[None]:
 
 @pytest.mark.usefixtures("quiet_opero_logger")
 def test_numbers_add_up() -> None:
-    (part,) = run_demo(SMALL)
-    out = part.outcomes
-    assert part.failed == 0
-    assert out.get("429", 0) == 0
-    assert part.ok
-    # every count the table shows is really exercised
-    assert part.retries > 0
-    assert part.fallbacks > 0
-    assert part.cache_hits > 0
-    # the client's view and the server's log agree
-    assert part.requests == part.attempts
-    assert part.cache_hits == SMALL.fetches - SMALL.ids  # each distinct id fetched once
-    misses = part.fetches - part.cache_hits
-    assert part.requests == misses + part.retries + part.fallbacks
-    assert part.fallbacks == out["401"] == misses  # the primary key is revoked: one 401 per miss
-    assert part.retries == out.get("503", 0) + out.get("drop", 0)
-    assert out["200"] == misses
+    parts = run_demo(SMALL)
+    assert [p.name for p in parts] == ["@opero, 8 threads", "@opmap, 4 threads"]
+    for part, (fetches, ids) in zip(parts, [(60, 40), (30, 20)], strict=True):
+        out = part.outcomes
+        assert part.fetches == fetches
+        assert part.failed == 0
+        assert out.get("429", 0) == 0
+        assert part.ok
+        # every count the table shows is really exercised
+        assert part.retries > 0
+        assert part.fallbacks > 0
+        assert part.cache_hits > 0
+        # the client's view and the server's log agree
+        assert part.requests == part.attempts
+        assert part.cache_hits == fetches - ids  # each distinct id fetched once
+        misses = fetches - part.cache_hits
+        assert part.requests == misses + part.retries + part.fallbacks
+        assert part.fallbacks == out["401"] == misses  # the primary key is revoked: one 401 each
+        assert part.retries == out.get("503", 0) + out.get("drop", 0)
+        assert out["200"] == misses
 
 
 def test_main_prints_the_table_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(SMALL_ARGS) == 0
     out = capsys.readouterr().out
-    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in out.splitlines()[3:13])
+    lines = out.splitlines()
+    header = lines.index("") + 1
+    assert re.split(r"\s{2,}", lines[header].strip()) == ["@opero, 16 threads", "@opmap, 8 threads"]
+    rows = {
+        cells[0]: cells[1:]
+        for cells in (re.split(r"\s{2,}", line.strip()) for line in lines[header + 1 : header + 11])
+    }
     assert list(rows) == [
         "fetches (ok / failed)",
         "requests sent (server)",
@@ -81,9 +97,9 @@ def test_main_prints_the_table_and_exits_0(capsys: pytest.CaptureFixture[str]) -
         "dropped connections",
         "wall time",
     ]
-    assert rows["fetches (ok / failed)"] == "60 / 0"
-    assert rows["429s received"] == "0"
-    assert rows["cache hits"] == "20"
+    assert rows["fetches (ok / failed)"] == ["60 / 0", "30 / 0"]
+    assert rows["429s received"] == ["0", "0"]
+    assert rows["cache hits"] == ["20", "10"]
     assert "OK: every fetch succeeded" in out
 
 

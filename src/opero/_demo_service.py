@@ -75,7 +75,7 @@ class FlakyService:
         seed: int = 7,
         error_rate: float = 0.15,
         drop_rate: float = 0.02,
-        quota: float = 60.0,
+        quota: float = 75.0,
         burst: int = 10,
     ) -> None:
         if not 0.0 <= error_rate + drop_rate < 1.0 or error_rate < 0 or drop_rate < 0:

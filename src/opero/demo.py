@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from opero._demo_service import BACKUP_KEY, PRIMARY_KEY, FlakyService
 from opero._log import configure_logging, logger
 from opero.decorators.opero import opero
+from opero.decorators.opmap import Opmap, opmap
 
 __all__ = ["AuthError", "DemoConfig", "PartResult", "TransientError", "main", "run_demo"]
 
@@ -84,8 +85,9 @@ class DemoConfig:
     fetches: int = 300
     ids: int = 200
     workers: int = 16
-    rate_limit: float = 50.0
-    quota: float = 60.0
+    map_workers: int = 8
+    rate_limit: float = 60.0
+    quota: float = 75.0
     burst: int = 10
     error_rate: float = 0.15
     drop_rate: float = 0.02
@@ -147,56 +149,48 @@ def _counting_records() -> Iterator[_OperoRecords]:
 
 
 class _Probe:
-    """Client-side counters: body entries (attempts) and calls that reached the body (misses).
+    """Client-side counts, taken inside the function body: every entry is one HTTP request.
 
-    The caller marks its thread before each fetch; the body clears the mark on its first entry. A
-    mark still set afterwards means the fetch was answered by the cache (or by another thread's
-    identical in-flight fetch) without any request of its own.
+    An entry that gets the whole key list is the first attempt of a call that missed the cache:
+    opero starts every call at the first candidate, and the revoked first key is never retried
+    (a 401 is not a transient error), so these entries count the calls that reached the body.
     """
 
     def __init__(self) -> None:
         self.attempts = 0
+        self.calls = 0
         self._lock = threading.Lock()
-        self._local = threading.local()
 
     def reset(self) -> None:
         with self._lock:
-            self.attempts = 0
+            self.attempts = self.calls = 0
 
-    def begin(self) -> None:
-        self._local.fresh = True
-
-    def entered(self) -> None:
-        self._local.fresh = False
+    def entered(self, *, first_candidate: bool) -> None:
         with self._lock:
             self.attempts += 1
-
-    def end(self) -> bool:
-        """True when this thread's fetch never entered the body (a cache hit)."""
-        hit = bool(getattr(self._local, "fresh", False))
-        self._local.fresh = False
-        return hit
+            self.calls += first_candidate
 
 
-# Client-side counters, reset by each part of the demo.
 _probe = _Probe()
+KEYS = (PRIMARY_KEY, BACKUP_KEY)
 
 
-def fetch_item(
-    item_id: int, base_url: str, api_key: Sequence[str] = (PRIMARY_KEY, BACKUP_KEY)
-) -> dict[str, object]:
+def fetch_item(item_id: int, base_url: str, api_key: Sequence[str] = KEYS) -> dict[str, object]:
     """GET one item with the first key of ``api_key``.
 
     With ``arg_fallback="api_key"`` opero passes the current candidate first and the untried ones
     after it, so ``api_key[0]`` is always the key to use now.
     """
-    _probe.entered()
+    _probe.entered(first_candidate=len(api_key) == len(KEYS))
     return http_get_json(f"{base_url}/items/{item_id}", api_key[0])
 
 
+# Both decorators are applied per run, so each run starts with a fresh cache and rate limiter;
+# ``@opero(...)`` / ``@opmap(...)`` on the ``def`` would do the same once per process.
+
+
 def resilient_fetch(cfg: DemoConfig) -> Callable[..., dict[str, object]]:
-    """``fetch_item`` under ``@opero``: decorated per run, so each run starts with a fresh cache
-    and its own rate limiter (``@opero(...)`` on the ``def`` does the same thing)."""
+    """``fetch_item`` under ``@opero``: call it with one id from as many threads as you like."""
     return opero(
         retries=cfg.retries,  # 503s and dropped connections: try again, with backoff
         min_delay=0.02,
@@ -209,60 +203,103 @@ def resilient_fetch(cfg: DemoConfig) -> Callable[..., dict[str, object]]:
     )(fetch_item)
 
 
-def workload(cfg: DemoConfig) -> list[int]:
-    """``cfg.fetches`` ids: every id in ``1..cfg.ids`` once, the rest repeats, shuffled (seeded)."""
-    if not 0 < cfg.ids <= cfg.fetches:
-        raise ValueError("need 0 < ids <= fetches")
-    rng = random.Random(cfg.seed)  # noqa: S311 - a demo workload, not cryptography
-    ids = list(range(1, cfg.ids + 1))
-    ids += rng.choices(ids, k=cfg.fetches - cfg.ids)
-    rng.shuffle(ids)
-    return ids
+def parallel_fetch(cfg: DemoConfig) -> Opmap[dict[str, object]]:
+    """``fetch_item`` under ``@opmap``: call it with a list of ids; same resilience per item,
+    one rate limit for the whole map."""
+    return opmap(
+        mode="thread",
+        workers=cfg.map_workers,
+        on_error="return",  # a failed item comes back as its exception; the demo counts them
+        retries=cfg.retries,
+        min_delay=0.02,
+        max_delay=0.5,
+        retry_on=TransientError,
+        arg_fallback="api_key",
+        fallback_on=AuthError,
+        rate_limit=cfg.rate_limit,
+        cache=True,
+    )(fetch_item)
+
+
+def workload(fetches: int, ids: int, seed: int) -> list[int]:
+    """``fetches`` ids: every id in ``1..ids`` once, the rest repeats, shuffled (seeded)."""
+    if not 0 < ids <= fetches:
+        raise ValueError(f"need 0 < ids <= fetches, got ids={ids}, fetches={fetches}")
+    rng = random.Random(seed)  # noqa: S311 - a demo workload, not cryptography
+    items = list(range(1, ids + 1))
+    items += rng.choices(items, k=fetches - ids)
+    rng.shuffle(items)
+    return items
+
+
+def _measure(
+    service: FlakyService, name: str, ids: list[int], fetch_all: Callable[[list[int]], list[object]]
+) -> PartResult:
+    """Run ``fetch_all(ids)`` (one result or exception per id) and count what happened."""
+    _probe.reset()
+    first = len(service.hits)
+    with _counting_records() as records:
+        start = time.perf_counter()
+        results = fetch_all(ids)
+        wall = time.perf_counter() - start
+    failed = 0
+    for item, data in zip(ids, results, strict=True):
+        if not isinstance(data, dict) or data.get("id") != item:
+            failed += 1
+            print(f"  {name}: fetch {item} failed: {data!r}", file=sys.stderr)
+    outcomes = service.outcomes(first)
+    return PartResult(
+        name,
+        fetches=len(ids),
+        failed=failed,
+        requests=sum(outcomes.values()),
+        attempts=_probe.attempts,
+        retries=records.retries,
+        fallbacks=records.fallbacks,
+        cache_hits=len(ids) - _probe.calls,
+        outcomes=dict(outcomes),
+        wall=wall,
+    )
 
 
 def run_opero_part(service: FlakyService, cfg: DemoConfig) -> PartResult:
     """Fetch the workload from ``cfg.workers`` threads through one ``@opero`` function."""
-    probe = _probe
-    probe.reset()
     fetch = resilient_fetch(cfg)
-    ids = workload(cfg)
-    result = PartResult(f"@opero, {cfg.workers} threads", fetches=len(ids))
-    first = len(service.hits)
-    hits = 0
-    hits_lock = threading.Lock()
 
-    def one(item: int) -> bool:
-        nonlocal hits
-        probe.begin()
+    def one(item: int) -> object:
         try:
-            data = fetch(item, service.url)
-        except Exception as exc:  # a failed fetch is reported, not raised
-            print(f"  fetch {item} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            probe.end()
-            return False
-        if probe.end():
-            with hits_lock:
-                hits += 1
-        return data.get("id") == item
+            return fetch(item, service.url)
+        except Exception as exc:  # a failed fetch is counted and reported, not raised
+            return exc
 
-    with _counting_records() as records:
-        start = time.perf_counter()
+    def fetch_all(ids: list[int]) -> list[object]:
         with ThreadPoolExecutor(cfg.workers, thread_name_prefix="opero-demo") as pool:
-            succeeded = list(pool.map(one, ids))
-        result.wall = time.perf_counter() - start
-    outcomes = service.outcomes(first)
-    result.failed = succeeded.count(False)
-    result.requests = sum(outcomes.values())
-    result.attempts = probe.attempts
-    result.retries = records.retries
-    result.fallbacks = records.fallbacks
-    result.cache_hits = hits
-    result.outcomes = dict(outcomes)
-    return result
+            return list(pool.map(one, ids))
+
+    ids = workload(cfg.fetches, cfg.ids, cfg.seed)
+    return _measure(service, f"@opero, {cfg.workers} threads", ids, fetch_all)
+
+
+def _map_sizes(cfg: DemoConfig) -> tuple[int, int]:
+    return max(1, cfg.fetches // 2), max(1, cfg.ids // 2)
+
+
+def run_opmap_part(service: FlakyService, cfg: DemoConfig) -> PartResult:
+    """Half as many fetches, over another draw of ids, in one ``@opmap`` call over
+    ``cfg.map_workers`` threads."""
+    fetch_many = parallel_fetch(cfg)
+
+    def fetch_all(ids: list[int]) -> list[object]:
+        with fetch_many:  # releases the map's threads afterwards
+            return list(fetch_many(ids, base_url=service.url))
+
+    ids = workload(*_map_sizes(cfg), cfg.seed + 1)
+    return _measure(service, f"@opmap, {cfg.map_workers} threads", ids, fetch_all)
 
 
 def run_demo(cfg: DemoConfig) -> list[PartResult]:
-    """Start the service, run every part against it, stop it; return one result per part."""
+    """Start the service, run both parts against it one after the other, stop it; return one
+    result per part."""
     with FlakyService(
         seed=cfg.seed,
         error_rate=cfg.error_rate,
@@ -270,7 +307,7 @@ def run_demo(cfg: DemoConfig) -> list[PartResult]:
         quota=cfg.quota,
         burst=cfg.burst,
     ) as service:
-        return [run_opero_part(service, cfg)]
+        return [run_opero_part(service, cfg), run_opmap_part(service, cfg)]
 
 
 def format_table(results: Sequence[PartResult]) -> str:
@@ -302,7 +339,8 @@ def _parse(argv: Sequence[str] | None) -> tuple[DemoConfig, bool]:
     p = argparse.ArgumentParser(prog="python -m opero.demo", description=__doc__.splitlines()[0])
     p.add_argument("--fetches", type=int, default=d.fetches, help="fetches to make")
     p.add_argument("--ids", type=int, default=d.ids, help="distinct ids among them")
-    p.add_argument("--workers", type=int, default=d.workers, help="client threads")
+    p.add_argument("--workers", type=int, default=d.workers, help="client threads (@opero)")
+    p.add_argument("--map-workers", type=int, default=d.map_workers, help="@opmap thread workers")
     p.add_argument("--rate-limit", type=float, default=d.rate_limit, help="client calls/s")
     p.add_argument("--quota", type=float, default=d.quota, help="server quota, requests/s per key")
     p.add_argument("--burst", type=int, default=d.burst, help="server burst allowance per key")
@@ -315,6 +353,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[DemoConfig, bool]:
         fetches=ns.fetches,
         ids=ns.ids,
         workers=ns.workers,
+        map_workers=ns.map_workers,
         rate_limit=ns.rate_limit,
         quota=ns.quota,
         burst=ns.burst,
@@ -330,11 +369,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg, verbose = _parse(argv)
     if verbose:
         configure_logging(logging.WARNING)
+    map_fetches, map_ids = _map_sizes(cfg)
     print(
-        f"opero demo: {cfg.fetches} fetches of {cfg.ids} ids from a local API with "
-        f"{cfg.error_rate:.0%} 503s, {cfg.drop_rate:.0%} dropped connections, a revoked "
-        f"primary key and a quota of {cfg.quota:g} requests/s per key; client rate limit "
-        f"{cfg.rate_limit:g}/s\n"
+        f"opero demo: a local API with {cfg.error_rate:.0%} 503s, {cfg.drop_rate:.0%} dropped "
+        f"connections, a revoked primary key\nand a quota of {cfg.quota:g} requests/s per key; "
+        f"each client is rate-limited to {cfg.rate_limit:g} calls/s.\n"
+        f"  @opero: {cfg.fetches} fetches of {cfg.ids} ids from {cfg.workers} threads\n"
+        f"  @opmap: {map_fetches} fetches of {map_ids} ids in one call, "
+        f"{cfg.map_workers} thread workers\n"
     )
     results = run_demo(cfg)
     print(format_table(results))
