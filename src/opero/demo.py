@@ -1,9 +1,10 @@
-"""Run ``@opero`` against a local HTTP API that fails like real ones: ``python -m opero.demo``.
+"""Run opero against a local HTTP API that fails like real ones: ``python -m opero.demo``.
 
 The demo starts :class:`~opero._demo_service.FlakyService` on a free port of 127.0.0.1. The service
 drops connections and answers 503 at random, answers 429 to a key called faster than its quota and
-401 to the revoked primary key. The client below uses only the standard library and one
-``@opero`` decorator:
+401 to the revoked primary key. The client uses only the standard library and one function,
+``fetch_item``, run under ``@opero`` from a thread pool, then under ``@opmap`` as a parallel map,
+with the same options:
 
 - ``retries`` with backoff on transient errors only (503, dropped connections),
 - ``arg_fallback="api_key"`` from the revoked key to the backup key, on 401 only,
