@@ -253,7 +253,9 @@ def test_async_process_refuses_a_sync_function() -> None:
         opmap(mode="async_process")(echo)
 
 
-@pytest.mark.parametrize(("mode", "module"), [("pathos", "pathos"), ("aiomultiprocess", "aiomultiprocess")])
+@pytest.mark.parametrize(
+    ("mode", "module"), [("pathos", "pathos"), ("aiomultiprocess", "aiomultiprocess")]
+)
 def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch, mode: str, module: str) -> None:
     import sys
 

@@ -79,11 +79,16 @@ def _call_one(fn: Callable[..., Any], item: Any, kwargs: dict[str, Any]) -> tupl
 
 
 def _watch_parent(parent: int) -> None:
-    # The pipe's EOF ends an idle worker; this ends a busy one whose parent was killed.
+    # The pipe's EOF ends an idle worker; this ends a busy one whose parent was killed. (Under
+    # forkserver the worker's parent process is the server, so the caller's pid is watched.)
     while True:
         time.sleep(0.5)
-        if os.getppid() != parent:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
             os._exit(1)
+        except OSError:  # pragma: no cover - exists but is not ours to signal
+            pass
 
 
 def main(conn: Any, concurrency: int, parent: int) -> None:

@@ -72,9 +72,12 @@ class PathosBackend(Backend):
     def _ensure_pool(self) -> Any:  # called with the lock held
         if self._pool is None:
             self._pool = ProcessPool(self.workers, id=f"opero-{next(_ids)}")
-            self._seen = []
+            # Workers start with the pool: note them now, before one can die unseen.
+            self._seen = list(getattr(self._pool._serve(), "_pool", ()))
         if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch, name="opero-pathos-watch", daemon=True)
+            self._watcher = threading.Thread(
+                target=self._watch, name="opero-pathos-watch", daemon=True
+            )
             self._watcher.start()
         return self._pool._serve()
 

@@ -1,0 +1,301 @@
+"""@opmap across processes: dead workers, unpicklable errors, spawn, the shared rate limit and
+cache, and Ctrl-C leaving no child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from opero import OpmapError, WorkerCrashedError, opmap
+from opero.errors import RemoteError
+
+pytestmark = pytest.mark.timeout(60)
+
+CRASH_MODES = [
+    ("sync", "process"),
+    ("sync", "pathos"),
+    ("async", "async_process"),
+    ("async", "aiomultiprocess"),
+]
+
+
+def die_once(item: int, flag: str) -> int:
+    """Kills its own worker the first time it sees item 3."""
+    if item == 3 and not os.path.exists(flag):
+        Path(flag).touch()
+        os._exit(7)
+    time.sleep(0.01)
+    return item * 2
+
+
+async def adie_once(item: int, flag: str) -> int:
+    if item == 3 and not os.path.exists(flag):
+        Path(flag).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    await asyncio.sleep(0.01)
+    return item * 2
+
+
+class Unpicklable(Exception):
+    def __init__(self, a: str, b: int) -> None:  # pickle re-creates it with one argument: fails
+        super().__init__(f"{a}/{b}")
+
+
+def raise_unpicklable(item: int) -> int:
+    if item == 1:
+        raise Unpicklable("bad", item)
+    return item
+
+
+async def araise_unpicklable(item: int) -> int:
+    return raise_unpicklable(item)
+
+
+def run(f: Any, items: Any, **kwargs: Any) -> Any:
+    result = f(items, **kwargs)
+    return asyncio.run(result) if asyncio.iscoroutine(result) else result
+
+
+def _fn(kind: str, sync: Any, async_: Any) -> Any:
+    return async_ if kind == "async" else sync
+
+
+@pytest.mark.parametrize(("kind", "mode"), CRASH_MODES, ids=[m for _, m in CRASH_MODES])
+def test_a_dead_worker_fails_its_item_and_the_map_completes(
+    kind: str, mode: str, tmp_path: Path
+) -> None:
+    f = opmap(mode=mode, workers=2, on_error="return")(_fn(kind, die_once, adie_once))
+    try:
+        out = run(f, range(8), flag=str(tmp_path / "flag"))
+        assert isinstance(out[3], WorkerCrashedError)
+        others = [v for i, v in enumerate(out) if i != 3]
+        done = [v for v in others if not isinstance(v, WorkerCrashedError)]
+        if mode == "process":  # the supervised pool knows exactly which item each worker ran
+            assert others == [i * 2 for i in range(8) if i != 3]
+        else:  # pathos and aiomultiprocess: what was in flight with it may fail too
+            assert len(done) >= 3
+        assert run(f, [10, 11], flag=str(tmp_path / "flag")) == [20, 22]  # pool rebuilt
+    finally:
+        f.close()
+
+
+@pytest.mark.parametrize(("kind", "mode"), CRASH_MODES, ids=[m for _, m in CRASH_MODES])
+def test_a_crash_is_retried_when_retry_on_covers_it(kind: str, mode: str, tmp_path: Path) -> None:
+    f = opmap(mode=mode, workers=2, retries=2, min_delay=0.01, retry_on=WorkerCrashedError)(
+        _fn(kind, die_once, adie_once)
+    )
+    try:
+        assert run(f, range(6), flag=str(tmp_path / "flag")) == [i * 2 for i in range(6)]
+    finally:
+        f.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode"),
+    [
+        ("sync", "process"),
+        ("sync", "pathos"),
+        ("async", "async_process"),
+        ("async", "aiomultiprocess"),
+    ],
+)
+def test_an_unpicklable_exception_arrives_as_remote_error(kind: str, mode: str) -> None:
+    f = opmap(mode=mode, workers=2)(_fn(kind, raise_unpicklable, araise_unpicklable))
+    try:
+        with pytest.raises(OpmapError) as info:
+            run(f, [0, 1, 2])
+    finally:
+        f.close()
+    err = info.value.errors[1]
+    assert isinstance(err, RemoteError)
+    assert err.type_name.endswith("Unpicklable")
+    assert err.message == "bad/1"
+    assert info.value.results[0] == 0
+    assert info.value.results[2] == 2
+
+
+def test_original_exception_type_crosses_the_process_boundary() -> None:
+    def boom(item: int) -> int:
+        raise KeyError(item)
+
+    f = opmap(mode="process", workers=2, on_error="return")(boom)
+    try:
+        out = f([1, 2])
+    finally:
+        f.close()
+    assert [type(e) for e in out] == [KeyError, KeyError]
+    assert out[1].args == (2,)
+
+
+def started_at(item: int) -> tuple[int, float, int]:
+    start = time.time()
+    time.sleep(0.15)  # longer than the spacing, so several workers are busy at once
+    return item, start, os.getpid()
+
+
+def test_one_rate_limit_for_the_whole_map_across_4_processes() -> None:
+    limit = 20
+    f = opmap(mode="process", workers=4, rate_limit=limit)(started_at)
+    try:
+        out = f(range(30))
+    finally:
+        f.close()
+    assert [item for item, _, _ in out] == list(range(30))
+    assert len({pid for _, _, pid in out}) > 1  # really spread over workers
+    starts = sorted(t for _, t, _ in out)
+    for i, t in enumerate(starts):
+        in_window = sum(1 for s in starts[i:] if s < t + 1.0)
+        assert in_window <= limit + 1
+
+
+def stamp(item: object) -> tuple[object, str, int]:
+    return item, uuid.uuid4().hex, os.getpid()
+
+
+def test_memory_cache_is_shared_across_items_and_calls_in_process_mode() -> None:
+    f = opmap(mode="process", workers=4, cache=True)(stamp)
+    try:
+        first = f([1, 2, 1, 2, 1, {"k": 1}, {"k": 1}])
+        second = f([2, 1, {"k": 1}])
+    finally:
+        f.close()
+    token = {repr(item): tok for item, tok, _ in first}
+    assert len({tok for _, tok, _ in first}) == 3  # one real call per distinct item
+    for item, tok, _ in first + second:
+        assert tok == token[repr(item)]
+
+
+SPAWN_SCRIPT = """
+import multiprocessing, os, sys
+from opero import opmap, WorkerCrashedError
+
+def main():
+    offset = 100
+    closure = opmap(mode="process", workers=2)(lambda x: x + offset)
+    assert closure(range(5)) == [100, 101, 102, 103, 104], closure(range(5))
+
+    def make(scale):
+        def inner(x):
+            return x * scale
+        return inner
+    nested = opmap(mode="process", workers=2)(make(3))
+    assert nested([1, 2]) == [3, 6]
+
+    def killer(x):
+        if x == 1:
+            os._exit(1)
+        return x
+    k = opmap(mode="process", workers=2, on_error="return")(killer)
+    out = k([0, 1, 2])
+    assert out[0] == 0 and out[2] == 2 and isinstance(out[1], WorkerCrashedError), out
+    print("ok", multiprocessing.get_start_method())
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn")
+    main()
+"""
+
+
+def test_lambdas_and_closures_work_under_spawn(tmp_path: Path) -> None:
+    script = tmp_path / "spawn_check.py"
+    script.write_text(textwrap.dedent(SPAWN_SCRIPT))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=50, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ok", "spawn"]
+
+
+INTERRUPT_SCRIPT = """
+import os, sys, time
+from opero import opmap
+
+PIDS = sys.argv[1]
+
+def slow(x):
+    with open(PIDS, "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    time.sleep(60)
+    return x
+
+if __name__ == "__main__":
+    f = opmap(mode=sys.argv[2], workers=3)(slow)
+    try:
+        f(range(20))
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        raise
+"""
+
+
+@pytest.mark.parametrize("mode", ["process", "pathos"])
+def test_ctrl_c_stops_promptly_and_leaves_no_child_processes(tmp_path: Path, mode: str) -> None:
+    script = tmp_path / "interrupt_check.py"
+    script.write_text(textwrap.dedent(INTERRUPT_SCRIPT))
+    pids_file = tmp_path / "pids"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(pids_file), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if pids_file.exists() and len(pids_file.read_text().split()) >= 3:
+            break
+        time.sleep(0.05)
+    worker_pids = [int(p) for p in pids_file.read_text().split()]
+    assert len(worker_pids) >= 3
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert "interrupted" in out, err
+    assert "KeyboardInterrupt" in err
+    time.sleep(0.2)
+    for pid in worker_pids:
+        assert not _alive(pid), f"worker {pid} outlived the program"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead but not yet reaped by init
+    try:
+        return Path(f"/proc/{pid}/status").read_text().find("State:\tZ") < 0
+    except FileNotFoundError:
+        return False
+
+
+def test_closing_one_function_leaves_another_working() -> None:
+    f = opmap(mode="process", workers=2)(stamp)
+    g = opmap(mode="process", workers=2)(stamp)
+    try:
+        f([1])
+        g([1])
+        f.close()
+        assert [item for item, _, _ in g([2, 3])] == [2, 3]
+        assert [item for item, _, _ in f([4])] == [4]
+    finally:
+        f.close()
+        g.close()
+
+
+def test_second_call_reuses_the_worker_processes() -> None:
+    f = opmap(mode="process", workers=2)(stamp)
+    try:
+        first = {pid for _, _, pid in f(range(6))}
+        second = {pid for _, _, pid in f(range(6))}
+    finally:
+        f.close()
+    assert second <= first
