@@ -36,7 +36,17 @@ from opero._log import configure_logging, logger
 from opero.decorators.opero import opero
 from opero.decorators.opmap import Opmap, opmap
 
-__all__ = ["AuthError", "DemoConfig", "PartResult", "TransientError", "main", "run_demo"]
+__all__ = [
+    "AuthError",
+    "DemoConfig",
+    "PartResult",
+    "QuotaError",
+    "ServiceError",
+    "TransientError",
+    "fetch_item",
+    "main",
+    "run_demo",
+]
 
 
 class TransientError(Exception):
