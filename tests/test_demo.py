@@ -114,6 +114,15 @@ def test_main_fails_when_the_rate_limit_exceeds_the_quota(
     assert "QuotaError" in captured.err
 
 
+def test_main_fails_when_a_fetch_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    # A service that is nearly always down exhausts the retries: the demo reports it, exit 1.
+    args = ["--fetches", "4", "--ids", "4", "--error-rate", "0.97", "--rate-limit", "500"]
+    assert main([*args, "--quota", "1000", "--drop-rate", "0"]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out
+    assert "TransientError('HTTP 503" in captured.err
+
+
 def test_runs_as_a_module() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "opero.demo", *SMALL_ARGS],
