@@ -43,7 +43,8 @@ except ImportError as exc:  # pragma: no cover - exercised with redis hidden fro
 __all__ = ["DEFAULT_URL", "KEY_PREFIX", "RedisRateLimiter", "resolve_url"]
 
 DEFAULT_URL = "redis://localhost:6379/0"
-KEY_PREFIX = "opero:ratelimit:"
+# Not "opero:": clear_cache() of the default cache namespace removes every key under "opero:".
+KEY_PREFIX = "opero-ratelimit:"
 
 # Short on purpose: a limiter that waits seconds for a dead store delays every call it guards.
 # A ``?socket_timeout=`` / ``?socket_connect_timeout=`` in the URL overrides them (redis-py rule).
