@@ -158,6 +158,18 @@ def test_base_exceptions_are_never_retried_nor_fall_back(mode, error, fallback):
     assert t.slept == []
 
 
+@pytest.mark.parametrize(
+    "error", [KeyboardInterrupt(), SystemExit(0), asyncio.CancelledError(), GeneratorExit()]
+)
+def test_policy_never_retries_base_exceptions(error):
+    policy = RetryPolicy(
+        retries=5, backoff_factor=1, min_delay=0, max_delay=0, jitter=False, retry_on=BaseException
+    )
+    assert not policy.should_retry(error, 1)
+    assert policy.should_retry(ValueError(), 1)
+    assert not policy.should_retry(ValueError(), 6)
+
+
 def _raise_marked(calls: list[object]) -> None:
     calls.append(None)
     raise Boom("the original message")  # <- the raising line
@@ -189,6 +201,7 @@ def test_last_original_exception_is_reraised_unchanged(mode, options):
     assert 'raise Boom("the original message")  # <- the raising line' in lines
 
 
+@pytest.mark.timeout(10)  # a blocking wait would hold the loop for 60 s
 async def test_async_wait_is_cancellable_at_once():
     started = asyncio.Event()
     calls: list[object] = []
