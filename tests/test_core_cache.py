@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from hashlib import blake2b
 
+import pytest
+
 from opero.core.cache import KeyBuilder, serialise_for_key
 
 
@@ -47,3 +49,27 @@ def test_long_texts_are_not_memoised() -> None:
     keys = KeyBuilder(simple, "ns", None)
     keys(("x" * 10_000, 1), {})
     assert keys._memo == {}
+
+
+def test_every_way_to_pass_the_same_arguments_gives_one_key() -> None:
+    keys = KeyBuilder(simple, "ns", None)
+    same = {keys((1,), {}), keys((1, 2), {}), keys((1,), {"b": 2}), keys((), {"b": 2, "a": 1})}
+    assert len(same) == 1
+    other = KeyBuilder(sample, "ns", None)
+    assert other((1,), {}) == other((1, 2), {}) != other((1, 2, 3), {})
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((), {}, "missing a required argument: 'a'"),
+        ((1,), {"c": 2}, "unexpected keyword argument 'c'"),
+        ((1,), {"a": 2}, "multiple values for argument 'a'"),
+        ((1, 2, 3), {}, "too many positional arguments"),
+    ],
+)
+def test_binding_errors_are_the_usual_type_errors(
+    args: tuple[object, ...], kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(TypeError, match=message):
+        KeyBuilder(simple, "ns", None)(args, kwargs)

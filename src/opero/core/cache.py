@@ -183,7 +183,18 @@ class KeyBuilder:
     joined by ``\x1f``. The two forms cannot collide: only the first starts with ``(``.
     """
 
-    __slots__ = ("_key_fn", "_memo", "_n_params", "_names", "_signature", "prefix")
+    __slots__ = (
+        "_key_fn",
+        "_memo",
+        "_n_params",
+        "_n_required",
+        "_names",
+        "_open",
+        "_pairs",
+        "_signature",
+        "_tail",
+        "prefix",
+    )
 
     def __init__(
         self, func: Callable[..., Any], namespace: str, key_fn: Callable[..., object] | None
@@ -195,6 +206,20 @@ class KeyBuilder:
         self._names = [p.name for p in params]
         simple = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
         self._n_params = len(params) if simple else -1
+        # Positional calls that leave out trailing defaults are completed from this tuple.
+        required = sum(p.default is p.empty for p in params)
+        self._n_required = required if simple else len(params) + 1
+        self._tail = tuple(p.default for p in params[required:])
+        # For signatures of plain parameters only, keyword calls are bound by hand: each
+        # parameter with its default (or _NO_DEFAULT), and for each number of positional
+        # arguments the names a keyword may still take. Anything else goes to Signature.bind.
+        self._pairs: tuple[tuple[str, Any], ...] | None = None
+        self._open: tuple[frozenset[str], ...] = ()
+        if all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params):
+            self._pairs = tuple(
+                (p.name, _NO_DEFAULT if p.default is p.empty else p.default) for p in params
+            )
+            self._open = tuple(frozenset(self._names[i:]) for i in range(len(params) + 1))
         # Recent short texts and their keys: a repeated call (a cache hit) skips the hash. A pure
         # memo of a pure function, so it cannot change a key; bounded, and cleared when full.
         self._memo: dict[str, str] = {}
@@ -202,19 +227,36 @@ class KeyBuilder:
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         if self._key_fn is not None:
             return self._hash(_argument_text("cache_key", self._key_fn(*args, **kwargs)))
-        if not kwargs and len(args) == self._n_params:
-            if _PRIMITIVES.issuperset(map(type, args)):
-                text = repr(args)
-                key = self._memo.get(text)
-                return self._hash(text) if key is None else key
-            values = dict(zip(self._names, args, strict=True))
-        else:
-            bound = self._signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            values = bound.arguments
-        if _PRIMITIVES.issuperset(map(type, values.values())):
-            return self._hash(repr(tuple(values.values())))
-        return self._hash("\x1f".join([_argument_text(n, v) for n, v in values.items()]))
+        if kwargs or not self._n_required <= len(args) <= self._n_params:
+            args = self._bind(args, kwargs)
+        elif len(args) < self._n_params:
+            args = args + self._tail[len(args) - self._n_required :]
+        # args now holds every parameter's value, in signature order
+        if _PRIMITIVES.issuperset(map(type, args)):
+            text = repr(args)
+            key = self._memo.get(text)
+            return self._hash(text) if key is None else key
+        return self._hash(
+            "\x1f".join([_argument_text(n, v) for n, v in zip(self._names, args, strict=True)])
+        )
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """Every parameter's value in signature order, defaults applied."""
+        pairs = self._pairs
+        n = len(args)
+        if pairs is not None and n <= len(pairs) and kwargs.keys() <= self._open[n]:
+            get = kwargs.get
+            values = list(args)
+            for name, default in pairs[n:]:
+                value = get(name, default)
+                if value is _NO_DEFAULT:
+                    break  # a required argument is missing: Signature.bind raises the TypeError
+                values.append(value)
+            else:
+                return tuple(values)
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return tuple(bound.arguments.values())
 
     def _hash(self, text: str) -> str:
         memo = self._memo
@@ -230,6 +272,7 @@ class KeyBuilder:
 
 
 _MEMO_SIZE = 256
+_NO_DEFAULT: Any = object()
 _MEMO_TEXT = 256
 
 
