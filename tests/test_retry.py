@@ -199,6 +199,9 @@ def test_last_original_exception_is_reraised_unchanged(mode, options):
     assert str(info.value) == "the original message"
     lines = [frame.line for frame in traceback.extract_tb(info.value.__traceback__)]
     assert 'raise Boom("the original message")  # <- the raising line' in lines
+    # Earlier attempts are not chained on as "during handling of the above exception".
+    assert info.value.__context__ is None
+    assert info.value.__cause__ is None
 
 
 @pytest.mark.timeout(10)  # a blocking wait would hold the loop for 60 s

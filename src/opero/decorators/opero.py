@@ -111,7 +111,9 @@ def _wrap(func: Callable[P, R], chain: Chain, is_async: bool) -> Callable[P, R]:
             try:
                 return call(*args, **kwargs)
             except Exception as exc:
-                return continue_after_failure_sync(chain, exc, args, kwargs)
+                error = exc
+            # Outside the handler, so later attempts' errors do not chain this one as __context__.
+            return continue_after_failure_sync(chain, error, args, kwargs)
 
     else:
 
