@@ -198,8 +198,8 @@ def test_stream_reads_an_endless_generator_lazily(case: Any) -> None:
     f = case(echo, workers=2)
     out = collect_stream(f, endless(), limit=20)
     assert out == [(i, "") for i in range(20)]
-    # bounded: the window (2 x workers units; process chunks grow to at most 512 items)
-    assert len(taken) <= 20 + 4 * 512
+    # bounded: the window (2 x workers units; process chunks grow to at most 2048 items)
+    assert len(taken) <= 20 + 4 * 2048
 
 
 def test_pool_is_reused_and_close_releases_it(case: Any) -> None:

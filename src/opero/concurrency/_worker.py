@@ -66,16 +66,19 @@ def _dumps(value: object) -> bytes:
 
 def call_chunk(
     fn: Callable[..., Any], items: list[Any], kwargs: dict[str, Any]
-) -> list[tuple[bool, Any]]:
-    """Run ``fn(item, **kwargs)`` for a batch of items; each outcome is ``(ok, value)``."""
-    return [_call_one(fn, item, kwargs) for item in items]
-
-
-def _call_one(fn: Callable[..., Any], item: Any, kwargs: dict[str, Any]) -> tuple[bool, Any]:
-    try:
-        return True, fn(item, **kwargs)
-    except Exception as exc:
-        return False, portable_exception(exc)
+) -> tuple[list[Any], dict[int, BaseException]]:
+    """Run ``fn(item, **kwargs)`` for a chunk of items: the values (``None`` where an item
+    failed) and ``{offset: exception}``, which pickle faster than one tuple per item."""
+    values: list[Any] = []
+    errors: dict[int, BaseException] = {}
+    append = values.append
+    for offset, item in enumerate(items):
+        try:
+            append(fn(item, **kwargs))
+        except Exception as exc:  # noqa: PERF203 - one try per item is the point
+            append(None)
+            errors[offset] = portable_exception(exc)
+    return values, errors
 
 
 def _watch_parent(parent: int) -> None:

@@ -37,10 +37,13 @@ _CALL = struct.Struct("!QQ")
 
 
 def default_context() -> Any:
-    """The start method the user chose, else forkserver (no fork of a threaded parent), else
+    """The start method the user chose if it is spawn or forkserver, else forkserver, else
     spawn."""
-    if multiprocessing.get_start_method(allow_none=True) is not None:
-        return multiprocessing.get_context()
+    # "fork" is also what get_start_method() fixes once anything asks, so only a deliberate
+    # spawn/forkserver choice is honoured; forking the dispatcher's threaded parent is unsafe.
+    chosen = multiprocessing.get_start_method(allow_none=True)
+    if chosen in ("spawn", "forkserver"):
+        return multiprocessing.get_context(chosen)
     if "forkserver" in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("forkserver")
     return multiprocessing.get_context("spawn")

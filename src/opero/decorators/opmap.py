@@ -42,7 +42,8 @@ Mode = Literal["thread", "process", "async", "async_process", "pathos", "aiomult
 Outcome = tuple[int, bool, Any]
 
 _LIST_WINDOW = 1024  # items in flight for a call that returns a list (a stream keeps 2 x workers)
-_MAX_CHUNK = 512
+_MAX_CHUNK = 2048
+_NOTHING: list[Outcome] = []  # shared, never mutated: "no outcome ready yet"
 
 
 def opmap(
@@ -307,6 +308,9 @@ class _Run:
         self.ordered = settings.ordered
         workers = settings.workers
         self.window = 2 * workers if streaming else max(2 * workers, _LIST_WINDOW)
+        self.streaming = streaming
+        self.results: list[Any] = []
+        self.errors: dict[int, BaseException] = {}
         self._next = 0
         self._buffer: dict[int, tuple[bool, Any]] = {}
         self._bar: Any = None
@@ -319,19 +323,53 @@ class _Run:
         return in_flight + len(self._buffer) < self.window
 
     def finished(self, index: int, ok: bool, value: object) -> list[Outcome]:
-        """Record one item's outcome; return the outcomes now ready for the caller, in order."""
+        """Record one item's outcome; return the outcomes now ready for a stream, in order
+        (a call that returns a list keeps them by index instead)."""
         if self._bar is not None:
             self._bar.update(1)
+        if not self.streaming:
+            results = self.results
+            if index >= len(results):
+                results.extend([None] * (index + 1 - len(results)))
+            results[index] = value
+            if not ok:
+                self.errors[index] = value  # type: ignore[assignment]
+            return _NOTHING
         if not self.ordered:
             return [(index, ok, value)]
         if index != self._next:
             self._buffer[index] = (ok, value)
-            return []
+            return _NOTHING
         ready = [(index, ok, value)]
         self._next += 1
         while self._next in self._buffer:
             ready.append((self._next, *self._buffer.pop(self._next)))
             self._next += 1
+        return ready
+
+    def finished_chunk(
+        self, first: int, values: list[Any], errors: dict[int, BaseException]
+    ) -> list[Outcome]:
+        """:meth:`finished` for a chunk: ``errors`` maps offsets in the chunk to exceptions."""
+        if self.streaming or self._bar is not None:
+            ready: list[Outcome] = []
+            for offset, value in enumerate(values):
+                exc = errors.get(offset)
+                ready += self.finished(first + offset, exc is None, value if exc is None else exc)
+            return ready
+        end = first + len(values)
+        if end > len(self.results):
+            self.results.extend([None] * (end - len(self.results)))
+        self.results[first:end] = values
+        for offset, exc in errors.items():
+            self.results[first + offset] = exc
+            self.errors[first + offset] = exc
+        return _NOTHING
+
+    def failed(self, first: int, count: int, exc: BaseException) -> list[Outcome]:
+        ready: list[Outcome] = []
+        for index in range(first, first + count):
+            ready += self.finished(index, False, exc)
         return ready
 
     def close(self) -> None:
@@ -340,9 +378,8 @@ class _Run:
 
     # -- result shapes, shared by sync and async -----------------------------------------------
 
-    def collect(self, outcomes: list[Outcome]) -> list[Any]:
-        results = [value for _, _, value in outcomes]
-        errors = {index: value for index, ok, value in outcomes if not ok}
+    def collect(self) -> list[Any]:
+        results, errors = self.results, self.errors
         if errors and self.on_error == "raise":
             first = min(errors)
             exc = errors[first]
@@ -371,10 +408,11 @@ class Opmap(_Base[R]):
     def __call__(self, items: Iterable[Any], /, **kwargs: Any) -> list[R]:
         run = self._start(items, streaming=False)
         try:
-            outcomes = list(_outcomes_sync(self, run, kwargs))
+            for _ in _outcomes_sync(self, run, kwargs):
+                pass
         finally:
             run.close()
-        return run.collect(outcomes)
+        return run.collect()
 
     def stream(self, items: Iterable[Any], /, **kwargs: Any) -> Iterator[R]:
         """Yield results as they are ready (input order when ``ordered=True``), reading
@@ -396,10 +434,11 @@ class AsyncOpmap(_Base[R]):
     async def __call__(self, items: Iterable[Any], /, **kwargs: Any) -> list[R]:
         run = self._start(items, streaming=False)
         try:
-            outcomes = [outcome async for outcome in _outcomes_async(self, run, kwargs)]
+            async for _ in _outcomes_async(self, run, kwargs):
+                pass
         finally:
             run.close()
-        return run.collect(outcomes)
+        return run.collect()
 
     def stream(self, items: Iterable[Any], /, **kwargs: Any) -> AsyncIterator[R]:
         """Yield results as they are ready (input order when ``ordered=True``), reading
@@ -467,8 +506,18 @@ def _outcomes_sync(owner: _Base[Any], run: _Run, kwargs: dict[str, Any]) -> Iter
             first, count = in_flight.pop(future)
             if chunks is not None:
                 chunks.received(future)
-            for outcome in _expand(future, first, count):
-                yield from run.finished(*outcome)
+            try:
+                value = future.result()
+            except BaseException as exc:
+                ready = run.failed(first, max(count, 1), exc)
+            else:
+                ready = (
+                    run.finished(first, True, value)
+                    if count == 0
+                    else run.finished_chunk(first, *value)
+                )
+            if ready:
+                yield from ready
         abort = False
     except (GeneratorExit, Exception):
         # The consumer stopped reading a stream, or the input iterator failed: not an interrupt.
@@ -523,9 +572,10 @@ async def _outcomes_async(
             for task in batch:
                 index = in_flight.pop(task)
                 exc = task.exception() if not task.cancelled() else asyncio.CancelledError()
-                outcome = (index, False, exc) if exc is not None else (index, True, task.result())
-                for item_outcome in run.finished(*outcome):
-                    yield item_outcome
+                for outcome in run.finished(
+                    index, exc is None, task.result() if exc is None else exc
+                ):
+                    yield outcome
         abort = False
     except (GeneratorExit, Exception):
         abort = False
@@ -536,21 +586,6 @@ async def _outcomes_async(
         if in_flight:
             await asyncio.gather(*in_flight, return_exceptions=True)
         owner._release(pool, abort=abort)
-
-
-def _expand(future: Future[Any], first: int, chunk: int) -> Iterator[Outcome]:
-    """The per-item outcomes of one finished future: one item (``chunk == 0``) or a chunk."""
-    try:
-        value = future.result()
-    except BaseException as exc:
-        for index in range(first, first + max(chunk, 1)):
-            yield index, False, exc
-        return
-    if chunk == 0:
-        yield first, True, value
-        return
-    for offset, (ok, item_value) in enumerate(value):
-        yield first + offset, ok, item_value
 
 
 @functools.cache
