@@ -451,3 +451,30 @@ def test_json_serializer_caches_plain_values_only(
         assert mode.run(f, "tuple") == (1, 2)
     assert len(calls) == 3
     assert "JSON" in caplog.text
+
+
+# --- choosing a store ---------------------------------------------------------------------------
+
+
+def test_a_typo_in_the_backend_name_fails_when_decorating() -> None:
+    with pytest.raises(ValueError, match="cache_backend='rediss' is not available"):
+        opero(cache=True, cache_backend="rediss")(lambda: 1)
+
+
+def test_a_backend_class_or_incomplete_object_is_refused() -> None:
+    with pytest.raises(ValueError, match="an instance, not the class DictBackend"):
+        opero(cache=True, cache_backend=DictBackend)(lambda: 1)
+
+    class SyncOnly:
+        def get(self, key: str) -> bytes | None:
+            return None
+
+    with pytest.raises(ValueError, match="missing: set, delete, clear, aget, aset"):
+        opero(cache=True, cache_backend=SyncOnly())(lambda: 1)
+
+
+def test_serializer_names_are_checked() -> None:
+    with pytest.raises(ValueError, match="cache_serializer must be one of 'pickle', 'json'"):
+        opero(cache=True, cache_backend=DictBackend(), cache_serializer="yaml")(lambda: 1)
+    with pytest.raises(ValueError, match="memory cache keeps the objects"):
+        opero(cache=True, cache_serializer="json")(lambda: 1)

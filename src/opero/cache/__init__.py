@@ -38,12 +38,21 @@ def get_backend(backend: object, cache_dir: str | os.PathLike[str] | None = None
             f"cache_backend={backend!r} is not available: choose one of {', '.join(BACKENDS)}, "
             "a redis:// URL, or pass an object implementing opero.CacheBackend"
         )
+    if isinstance(backend, type):
+        # ValueError like every other impossible option value, so callers catch one type
+        raise ValueError(  # noqa: TRY004
+            f"cache_backend takes an instance, not the class {backend.__qualname__}"
+        )
     if isinstance(backend, CacheBackend):
         return backend
+    missing = [name for name in _METHODS if not callable(getattr(backend, name, None))]
     raise ValueError(
         f"cache_backend must be a backend name, a redis:// URL or an object implementing "
-        f"opero.CacheBackend, got {backend!r}"
+        f"opero.CacheBackend, got {backend!r} (missing: {', '.join(missing)})"
     )
+
+
+_METHODS = ("get", "set", "delete", "clear", "aget", "aset", "adelete", "aclear")
 
 
 def make_layer(
