@@ -78,6 +78,8 @@ def test_options_are_keyword_only():
         ({"cache": True, "cache_backend": 42}, "cache_backend"),
         ({"cache_ttl": 10}, "cache_ttl"),  # no effect without cache=True
         ({"cache_backend": "memory", "cache_key": str}, "cache_key"),
+        ({"cache_serializer": "json"}, "cache_serializer"),
+        ({"cache_maxsize": 10}, "cache_maxsize"),
     ],
     ids=lambda v: repr(v) if isinstance(v, dict) else v,
 )

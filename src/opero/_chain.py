@@ -100,7 +100,14 @@ def _check_cache_options(opts: Options) -> None:
         raise ValueError(f"cache_maxsize must be an integer >= 1, got {opts.cache_maxsize!r}")
     if not opts.cache:
         defaults = Options()
-        for name in ("cache_ttl", "cache_backend", "cache_key", "cache_dir"):
+        for name in (
+            "cache_ttl",
+            "cache_backend",
+            "cache_key",
+            "cache_dir",
+            "cache_maxsize",
+            "cache_serializer",
+        ):
             if getattr(opts, name) != getattr(defaults, name):
                 raise ValueError(f"{name}={getattr(opts, name)!r} has no effect without cache=True")
 
