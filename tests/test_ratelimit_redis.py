@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import logging
 import os
@@ -190,13 +191,15 @@ def test_functions_with_one_key_share_a_limit_and_other_keys_do_not(mode: Any, k
 _WORKER = """
 import json, sys, time
 from opero import opero
-key, url, rate, start_at, seconds = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:])
+key, url, rate, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 starts = []
 
 @opero(rate_limit=rate, rate_limit_backend=url, rate_limit_key=key)
 def call():
     starts.append(time.time())
 
+print("ready", flush=True)
+start_at = float(sys.stdin.readline())
 time.sleep(max(0.0, start_at - time.time()))
 while time.time() < start_at + seconds:
     call()
@@ -206,21 +209,28 @@ print(json.dumps(starts))
 
 def test_four_processes_together_stay_within_the_rate(key: str) -> None:
     rate, seconds, processes = 20, 1.5, 4
-    start_at = time.time() + 1.0  # every interpreter is up and has imported opero by then
-    args = [key, REDIS_URL, str(rate), str(start_at), str(seconds)]
-    children = [
-        subprocess.Popen([sys.executable, "-c", _WORKER, *args], stdout=subprocess.PIPE, text=True)
-        for _ in range(processes)
-    ]
-    per_process = [json.loads(child.communicate(timeout=30)[0]) for child in children]
-    assert all(child.returncode == 0 for child in children)
+    cmd = [sys.executable, "-c", _WORKER, key, REDIS_URL, str(rate), str(seconds)]
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+    with contextlib.ExitStack() as stack:
+        children = [stack.enter_context(subprocess.Popen(cmd, **pipes)) for _ in range(processes)]
+        for child in children:  # every interpreter has imported opero: start them together
+            assert child.stdout is not None
+            assert child.stdout.readline() == "ready\n"
+        start_at = time.time() + 0.1
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write(f"{start_at}\n")
+            child.stdin.flush()
+        outputs = [child.communicate(timeout=30)[0] for child in children]
+    assert [child.returncode for child in children] == [0] * processes
+    per_process = [json.loads(output) for output in outputs]
     starts = [s for starts in per_process for s in starts]
 
     assert all(per_process), "every process got to start some calls"
     assert _max_in_window(starts, 1.0) <= rate * 1 + 1
     # Together they got about the rate, not each of them: alone each would have made ~31 calls.
-    # Each may start one reserved call after the deadline.
-    assert 0.75 * rate * seconds <= len(starts) <= rate * seconds + 1 + processes
+    # Each may start one reserved call after the deadline; a loaded machine wakes them late.
+    assert 0.6 * rate * seconds <= len(starts) <= rate * seconds + 1 + processes
 
 
 async def test_tasks_on_one_loop_share_the_limit_through_the_asyncio_client(
