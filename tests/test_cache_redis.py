@@ -313,3 +313,8 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(MissingExtraError, match=r"opero\[redis\]") as info:
         opero(cache=True, cache_backend=url)(lambda: 1)
     assert info.value.extra == "redis"
+
+
+def test_a_url_that_decodes_responses_is_refused() -> None:
+    with pytest.raises(ValueError, match="decode_responses must be off"):
+        opero(cache=True, cache_backend="redis://127.0.0.1:6379/0?decode_responses=True")(lambda: 1)

@@ -108,6 +108,11 @@ class RedisCache:
             "retry": None,
         }
         self.client: redis_py.Redis = self._redis.Redis.from_url(url, **self._options)
+        if self.client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError(
+                f"cache_backend={_redact(url)!r}: decode_responses must be off, cached values "
+                "are bytes"
+            )
         self._errors: tuple[type[BaseException], ...] = (
             self._redis.ConnectionError,
             self._redis.TimeoutError,
