@@ -13,7 +13,13 @@ from opero.cache import clear_cache
 from opero.core.cache import CacheBackend
 from opero.decorators.opero import opero
 from opero.decorators.opmap import opmap
-from opero.errors import FallbackError, OperoError, OpmapError, WorkerCrashedError
+from opero.errors import (
+    FallbackError,
+    OperoError,
+    OpmapError,
+    RateLimitUnavailableError,
+    WorkerCrashedError,
+)
 
 try:
     __version__ = version("opero")
@@ -25,6 +31,7 @@ __all__ = [
     "FallbackError",
     "OperoError",
     "OpmapError",
+    "RateLimitUnavailableError",
     "WorkerCrashedError",
     "__version__",
     "clear_cache",
