@@ -30,9 +30,10 @@ CRASH_MODES = [
 
 
 def die_once(item: int, flag: str) -> int:
-    """Kills its own worker the first time it sees item 3."""
+    """Kills its own worker the first time it sees item 3 (every time if ``flag`` is "never")."""
     if item == 3 and not os.path.exists(flag):
-        Path(flag).touch()
+        if not flag.endswith("never"):
+            Path(flag).touch()
         os._exit(7)
     time.sleep(0.01)
     return item * 2
@@ -299,3 +300,16 @@ def test_second_call_reuses_the_worker_processes() -> None:
     finally:
         f.close()
     assert second <= first
+
+
+def test_a_crash_inside_a_chunk_fails_only_the_item_that_killed_the_worker(
+    tmp_path: Path,
+) -> None:
+    f = opmap(mode="process", workers=2, on_error="return")(die_once)
+    flag = str(tmp_path / "never")  # no flag file: item 3 kills every worker that runs it
+    try:
+        out = f(range(64), flag=flag)  # 64 items: sent in chunks of 8
+    finally:
+        f.close()
+    assert isinstance(out[3], WorkerCrashedError)
+    assert [v for i, v in enumerate(out) if i != 3] == [i * 2 for i in range(64) if i != 3]

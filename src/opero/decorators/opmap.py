@@ -33,7 +33,7 @@ from opero._clock import clock
 from opero._engine import run_async
 from opero.concurrency import Backend, backend_class
 from opero.decorators.opero import check_function, is_async_function
-from opero.errors import MissingExtraError, OpmapError
+from opero.errors import MissingExtraError, OpmapError, WorkerCrashedError
 
 R = TypeVar("R")
 
@@ -463,7 +463,8 @@ def _outcomes_sync(owner: _Base[Any], run: _Run, kwargs: dict[str, Any]) -> Iter
     pool = owner._acquire()
     func = owner._func
     done: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
-    in_flight: dict[Future[Any], tuple[int, int]] = {}  # future -> (first index, chunk size)
+    # future -> (first index, chunk size (0: one item), the chunk's items)
+    in_flight: dict[Future[Any], tuple[int, int, list[Any]]] = {}
     helper: _LoopThread | None = None
     chunks = _Chunks(run.total, pool.workers) if owner._plain and pool.batching else None
     abort = True
@@ -490,24 +491,36 @@ def _outcomes_sync(owner: _Base[Any], run: _Run, kwargs: dict[str, Any]) -> Iter
                         exhausted = True
                         break
                     future = start(entry[1])
-                    in_flight[future] = (entry[0], 0)
+                    in_flight[future] = (entry[0], 0, _NOTHING)
                 else:
                     batch = list(itertools.islice(run.items, chunks.size))
                     if not batch:
                         exhausted = True
                         break
-                    future = pool.submit(_call_chunk(), (func, [i for _, i in batch], kwargs), {})
+                    chunk = [item for _, item in batch]
+                    future = pool.submit(_call_chunk(), (func, chunk, kwargs), {})
                     chunks.sent(future)
-                    in_flight[future] = (batch[0][0], len(batch))
+                    in_flight[future] = (batch[0][0], len(batch), chunk)
                 future.add_done_callback(done.put)
             if not in_flight:
                 break
             future = done.get()
-            first, count = in_flight.pop(future)
+            first, count, chunk = in_flight.pop(future)
             if chunks is not None:
                 chunks.received(future)
             try:
                 value = future.result()
+            except WorkerCrashedError as exc:
+                if count <= 1:
+                    ready = run.failed(first, 1, exc)
+                else:
+                    # One item of the chunk killed its worker: run the chunk's items one by one
+                    # so that only that item fails (items finished before the crash run again).
+                    for offset, item in enumerate(chunk):
+                        retry = pool.submit(func, (item,), kwargs)
+                        in_flight[retry] = (first + offset, 0, _NOTHING)
+                        retry.add_done_callback(done.put)
+                    continue
             except BaseException as exc:
                 ready = run.failed(first, max(count, 1), exc)
             else:
