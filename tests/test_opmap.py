@@ -236,6 +236,8 @@ def test_items_must_be_a_real_iterable(items: object) -> None:
         ({"retries": -1}, "retries"),
         ({"rate_limit": 0}, "rate_limit"),
         ({"arg_fallback": "nope"}, "arg_fallback"),
+        ({"cluster": "tcp://x:1"}, "cluster"),
+        ({"rate_limit_backend": "carrier-pigeon"}, "rate_limit_backend"),
     ],
 )
 def test_impossible_options_fail_when_decorating(options: dict[str, Any], name: str) -> None:

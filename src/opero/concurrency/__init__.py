@@ -37,7 +37,9 @@ backend and never looks inside one; a backend only runs calls:
     it and the map then limits how many calls are in flight itself.
 
 Class attributes tell the map how to use a backend: ``batching`` (per-call overhead is high, so
-send chunks of items when no per-item resilience applies) and ``inline`` (see ``acall``).
+send chunks of items when no per-item resilience applies), ``inline`` (see ``acall``),
+``accepts_sync`` (False: only ``async def`` functions) and ``accepts_cluster`` (True: constructed
+as ``Backend(workers, cluster=...)`` when the user passes ``@opmap(cluster=...)``).
 
 Adding a backend is one module plus one :func:`register_backend` call (or one line in
 ``_BUILTIN``): ``register_backend("ray", "opero.concurrency.ray:RayBackend", extra="ray",
@@ -70,6 +72,7 @@ class Backend(abc.ABC):
     batching: ClassVar[bool] = False
     inline: ClassVar[bool] = False
     accepts_sync: ClassVar[bool] = True
+    accepts_cluster: ClassVar[bool] = False
 
     def __init__(self, workers: int) -> None:
         self.workers = workers

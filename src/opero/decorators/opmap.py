@@ -53,6 +53,7 @@ def opmap(
     ordered: bool = True,
     progress: bool = False,
     on_error: Literal["raise", "return"] = "raise",
+    cluster: object = None,
     retries: int = 0,
     backoff_factor: float = 1.5,
     min_delay: float = 0.1,
@@ -62,6 +63,9 @@ def opmap(
     fallback_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
     arg_fallback: str | None = None,
     rate_limit: float | None = None,
+    rate_limit_backend: str = "local",
+    rate_limit_key: str | None = None,
+    rate_limit_on_error: str = "local",
     cache: bool = False,
     cache_ttl: float | None = None,
     cache_backend: object = "memory",
@@ -81,7 +85,8 @@ def opmap(
     results as they are ready, reading the input lazily.
 
     Every ``@opero`` option applies per item in the caller's process: one rate limit for the
-    whole map, one cache for all items and calls. ``on_error="raise"`` raises
+    whole map, one cache for all items and calls. ``cluster`` is the Ray or Dask cluster of the
+    modes that use one. ``on_error="raise"`` raises
     :class:`~opero.OpmapError` after every item was attempted; ``"return"`` puts each exception
     in place of its result. ``progress=True`` shows a tqdm bar. Impossible values raise
     ``ValueError`` naming the option when decorating.
@@ -96,6 +101,9 @@ def opmap(
         fallback_on=fallback_on,
         arg_fallback=arg_fallback,
         rate_limit=rate_limit,
+        rate_limit_backend=rate_limit_backend,
+        rate_limit_key=rate_limit_key,
+        rate_limit_on_error=rate_limit_on_error,
         cache=cache,
         cache_ttl=cache_ttl,
         cache_backend=cache_backend,
@@ -121,7 +129,9 @@ def opmap(
             raise MissingExtraError("@opmap(progress=True)", "progress", "tqdm") from exc
     if on_error not in ("raise", "return"):
         raise ValueError(f"on_error must be 'raise' or 'return', got {on_error!r}")
-    settings = _Settings(mode, backend, workers, ordered, progress, on_error)
+    if cluster is not None and not backend.accepts_cluster:
+        raise ValueError(f"cluster= has no effect with mode={mode!r}")
+    settings = _Settings(mode, backend, workers, ordered, progress, on_error, cluster)
 
     def decorate(func: Callable[..., Any]) -> Any:
         check_function(func, "opmap")
@@ -155,6 +165,12 @@ class _Settings:
     ordered: bool
     progress: bool
     on_error: str
+    cluster: object
+
+    def new_backend(self) -> Backend:
+        if self.cluster is None:
+            return self.backend(self.workers)
+        return self.backend(self.workers, cluster=self.cluster)  # type: ignore[call-arg]
 
 
 class _GatedLimiter:
@@ -207,7 +223,7 @@ class _Base(Generic[R]):
     def _acquire(self) -> Backend:
         with self._lock:
             if self._pool is None:
-                self._pool = self._settings.backend(self._settings.workers)
+                self._pool = self._settings.new_backend()
             self._active += 1
             return self._pool
 
