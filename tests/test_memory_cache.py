@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from typing import ClassVar
@@ -453,3 +454,27 @@ def test_single_flight_across_event_loops_in_two_threads():
     follower.join(5)
     assert results == [2, 2]
     assert calls == [1]
+
+
+async def test_cancelled_follower_leaves_no_unretrieved_future(caplog):
+    # asyncio reports a failed future nobody awaited ("exception was never retrieved") when it
+    # is collected, at some random later point; a follower that was cancelled must not leave one.
+    @opero(cache=True)
+    async def slow(a: int) -> int:
+        await asyncio.sleep(0.02)
+        raise ValueError("leader failed")
+
+    async def scenario() -> None:
+        leader = asyncio.create_task(slow(1))
+        await asyncio.sleep(0)
+        follower = asyncio.create_task(slow(1))
+        await asyncio.sleep(0.005)
+        follower.cancel()
+        with pytest.raises(ValueError, match="leader failed"):
+            await leader
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    await scenario()
+    gc.collect()
+    assert "never retrieved" not in caplog.text

@@ -138,9 +138,15 @@ async def _lead_async(
         if leader:
             break
         assert flight is not None
+        waiter = asyncio.wrap_future(flight)
         try:
             # shield: a cancelled follower must not cancel the flight the others wait on
-            return await asyncio.shield(asyncio.wrap_future(flight))
+            return await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            # Nobody awaits the waiter now: take its outcome so that asyncio does not report a
+            # failed flight as "exception was never retrieved" when it is collected.
+            waiter.add_done_callback(_retrieve)
+            raise
         except LeaderGone:
             value = await cache.alookup(key)
             if value is not MISSING:
@@ -200,6 +206,11 @@ async def _retry_async(chain: Chain, args: tuple[Any, ...], kwargs: dict[str, An
 
 # ---------------------------------------------------------------------------------------------
 # shared
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _log_retry(chain: Chain, attempt: int, exc: BaseException, delay: float) -> None:
