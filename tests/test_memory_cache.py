@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import threading
 import time
 from typing import ClassVar
@@ -391,6 +392,44 @@ class Maker:
     def below_sm(n: int) -> str:
         Maker.created.append(("below_sm", n))
         return f"s{n}"
+
+
+class AsyncMaker:
+    created: ClassVar[list[object]] = []
+
+    @opero(cache=True, retries=1)
+    @classmethod
+    async def above_cm(cls, n: int) -> str:
+        cls.created.append(("above_cm", n))
+        return f"{cls.__name__}{n}"
+
+    @classmethod
+    @opero(cache=True, retries=1)
+    async def below_cm(cls, n: int) -> str:
+        cls.created.append(("below_cm", n))
+        return f"{cls.__name__}{n}"
+
+    @opero(cache=True, retries=1)
+    @staticmethod
+    async def above_sm(n: int) -> str:
+        AsyncMaker.created.append(("above_sm", n))
+        return f"s{n}"
+
+    @staticmethod
+    @opero(cache=True, retries=1)
+    async def below_sm(n: int) -> str:
+        AsyncMaker.created.append(("below_sm", n))
+        return f"s{n}"
+
+
+@pytest.mark.parametrize("name", ["above_cm", "below_cm", "above_sm", "below_sm"])
+async def test_async_classmethods_and_staticmethods_both_ways(name):
+    AsyncMaker.created.clear()
+    expected = "AsyncMaker3" if name.endswith("cm") else "s3"
+    assert inspect.iscoroutinefunction(getattr(AsyncMaker, name))
+    assert await getattr(AsyncMaker, name)(3) == expected
+    assert await getattr(AsyncMaker(), name)(n=3) == expected
+    assert AsyncMaker.created == [(name, 3)]
 
 
 @pytest.mark.parametrize("name", ["above_cm", "below_cm", "above_sm", "below_sm"])
