@@ -230,7 +230,7 @@ def slow(x):
     return x
 
 if __name__ == "__main__":
-    f = opmap(mode=sys.argv[2], workers=3)(slow)
+    f = opmap(mode=sys.argv[2], workers=3, retries=int(sys.argv[3]))(slow)
     try:
         f(range(20))
     except KeyboardInterrupt:
@@ -239,13 +239,19 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("mode", ["process", "pathos"])
-def test_ctrl_c_stops_promptly_and_leaves_no_child_processes(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "retries"),
+    [("process", 0), ("process", 2), ("pathos", 0)],
+    ids=["process", "process-chain", "pathos"],
+)
+def test_ctrl_c_stops_promptly_and_leaves_no_child_processes(
+    tmp_path: Path, mode: str, retries: int
+) -> None:
     script = tmp_path / "interrupt_check.py"
     script.write_text(textwrap.dedent(INTERRUPT_SCRIPT))
     pids_file = tmp_path / "pids"
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(pids_file), mode],
+        [sys.executable, str(script), str(pids_file), mode, str(retries)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

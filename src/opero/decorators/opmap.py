@@ -424,8 +424,13 @@ class Opmap(_Base[R]):
     def __call__(self, items: Iterable[Any], /, **kwargs: Any) -> list[R]:
         run = self._start(items, streaming=False)
         try:
-            for _ in _outcomes_sync(self, run, kwargs):
-                pass
+            if self._plain:
+                for _ in _outcomes_sync(self, run, kwargs):
+                    pass
+            else:
+                # The per-item chains need an event loop: run the whole map on one, so that an
+                # item's outcome is not handed from thread to thread on its way to the list.
+                _run_blocking(lambda: _drain(_outcomes_async(self, run, kwargs)))
         finally:
             run.close()
         return run.collect()
@@ -450,8 +455,7 @@ class AsyncOpmap(_Base[R]):
     async def __call__(self, items: Iterable[Any], /, **kwargs: Any) -> list[R]:
         run = self._start(items, streaming=False)
         try:
-            async for _ in _outcomes_async(self, run, kwargs):
-                pass
+            await _drain(_outcomes_async(self, run, kwargs))
         finally:
             run.close()
         return run.collect()
@@ -649,6 +653,31 @@ class _Chunks:
         started = self._sent.pop(future, None)
         if started is not None and time.perf_counter() - started < 0.02:
             self.size = min(_MAX_CHUNK, self.size * 2)
+
+
+async def _drain(outcomes: AsyncIterator[Outcome]) -> None:
+    async for _ in outcomes:
+        pass
+
+
+def _run_blocking(main: Callable[[], Awaitable[None]]) -> None:
+    """Run ``main()`` to completion from sync code: on a new event loop in this thread, or in a
+    helper thread when this thread already runs a loop (``asyncio.run`` cannot nest)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(main())  # type: ignore[arg-type]
+        return
+    helper = _LoopThread()
+    try:
+        future = helper.submit(main())
+        try:
+            future.result()
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt while waiting: cancel the map on its loop
+            raise
+    finally:
+        helper.stop()
 
 
 class _LoopThread:
