@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.conftest import Mode
 
+from conftest import Mode
 from opero import CacheBackend, clear_cache, opero
 from opero._clock import clock
 from opero.errors import CacheKeyError

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import redis
-from tests.conftest import Mode, free_port, start_redis_server, stop_redis_server
 
+from conftest import Mode, free_port, start_redis_server, stop_redis_server
 from opero import clear_cache, opero
 from opero.cache import redis as redis_backend
 from opero.cache.redis import RedisCache, redis_cache, resolve_url
