@@ -237,7 +237,9 @@ async def _close_with_loop(
         yield
     finally:
         registry.pop(loop, None)
-        await client.aclose()
+        # aclose() arrived in redis-py 5.0.1; close() is its older name
+        close = getattr(client, "aclose", None) or client.close
+        await close()
 
 
 def _milliseconds(ttl: float | None) -> int | None:
