@@ -201,3 +201,30 @@ def test_keys_are_the_same_in_another_process():
     }
     assert len(outputs) == 1
     assert next(iter(outputs)).startswith("opero:m.g:")
+
+
+class Name(str):
+    __slots__ = ()
+
+
+class UserId(int):
+    def __repr__(self) -> str:
+        return "UserId(...)"  # a repr that hides the value
+
+
+class Ratio(float):
+    pass
+
+
+class Blob(bytes):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("cls", "a", "b"), [(Name, "a", "b"), (UserId, 1, 2), (Ratio, 0.5, 0.25), (Blob, b"x", b"y")]
+)
+def test_subclasses_of_primitive_types_key_on_their_value(cls, a, b):
+    assert key(g, cls(a)) == key(g, cls(a))
+    assert key(g, cls(a)) != key(g, cls(b))
+    assert key(g, cls(a)) != key(g, a)  # like 1 and True, another type is another key
+    assert key(g, [cls(a)]) != key(g, [cls(b)])

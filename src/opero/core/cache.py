@@ -63,8 +63,14 @@ def _encode(obj: Any, out: list[str], seen: set[int]) -> None:
         _encode(obj.value, out, seen)
         out.append(")")
         return
-    if isinstance(obj, _REPR_TYPES) or cls in _PRIMITIVES:
+    if isinstance(obj, _REPR_TYPES):
         out.append(f"{_qualname(cls)}:{obj!r}")
+        return
+    if isinstance(obj, int | float | str | bytes):
+        # A subclass (class UserId(int)) keys on its value, read through the base type's repr:
+        # its own __repr__ may not show the value, and its (usually empty) __dict__ never does.
+        base = next(b for b in (int, float, str, bytes) if isinstance(obj, b))
+        out.append(f"P<{_qualname(cls)}>:{base.__repr__(obj)}")
         return
     if isinstance(obj, type):
         _refuse_local(obj)
