@@ -318,3 +318,24 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_url_that_decodes_responses_is_refused() -> None:
     with pytest.raises(ValueError, match="decode_responses must be off"):
         opero(cache=True, cache_backend="redis://127.0.0.1:6379/0?decode_responses=True")(lambda: 1)
+
+
+async def test_one_event_loop_recovers_its_pooled_connections(
+    own_server: OwnServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[int] = []
+
+    @opero(cache=True, cache_backend=own_server.url, cache_namespace="one-loop")
+    async def work(x: int) -> int:
+        calls.append(x)
+        return x
+
+    with fake_time() as t, caplog.at_level(logging.WARNING, logger="opero"):
+        assert [await work(1) for _ in range(2)] == [1, 1]  # the loop's pool holds a connection
+        own_server.stop()
+        assert [await work(1) for _ in range(3)] == [1, 1, 1]
+        own_server.start()
+        t.advance(redis_backend.BACKOFF_MIN)
+        assert [await work(1) for _ in range(3)] == [1, 1, 1]
+    assert len(calls) == 1 + 3 + 1
+    assert len(caplog.records) == 1
