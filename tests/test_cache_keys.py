@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -228,3 +230,23 @@ def test_subclasses_of_primitive_types_key_on_their_value(cls, a, b):
     assert key(g, cls(a)) != key(g, cls(b))
     assert key(g, cls(a)) != key(g, a)  # like 1 and True, another type is another key
     assert key(g, [cls(a)]) != key(g, [cls(b)])
+
+
+def _h(x: object) -> None:
+    pass
+
+
+class Queue(collections.deque):  # type: ignore[type-arg]
+    pass
+
+
+@pytest.mark.parametrize(
+    "value",
+    [functools.partial(_h, 1), Queue([1]), ValueError("a")],
+    ids=["partial", "deque-subclass", "exception"],
+)
+def test_objects_with_state_outside_dict_and_slots_are_refused(value):
+    # Their __dict__ is empty whatever they hold: keying on it would make partial(h, 1) and
+    # partial(h, 2) one key. Refusing points the user to cache_key= or __opero_key__().
+    with pytest.raises(CacheKeyError, match="cache_key="):
+        key(g, value)

@@ -143,11 +143,17 @@ def _encode_instance(obj: Any, cls: type, out: list[str], seen: set[int]) -> Non
 
     This is also the rule for ``self``: two instances of one class with equal attributes share
     entries. An instance of a Python class with no attributes at all keys on its class alone; an
-    object whose state opero cannot see (no ``__dict__``, no slots: a C type) is refused.
+    object whose state opero cannot see (no ``__dict__``, no slots: a C type; or a class that
+    defines ``__reduce__``, whose state lives elsewhere) is refused.
     """
     attrs: dict[str, Any] = {}
     visible = False
-    if cls.__module__ != "builtins":
+    # A class that pickles itself (functools.partial, deque, exceptions, ...) keeps state
+    # outside __dict__ and slots: keying on those alone would give different values one key.
+    pickles_itself = any(
+        "__reduce__" in vars(k) or "__reduce_ex__" in vars(k) for k in cls.__mro__[:-1]
+    )
+    if cls.__module__ != "builtins" and not pickles_itself:
         state = getattr(obj, "__dict__", None)
         if isinstance(state, dict):
             visible = True
