@@ -233,3 +233,47 @@ def test_missing_platformdirs_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
 def test_cache_dir_without_disk_is_refused() -> None:
     with pytest.raises(ValueError, match="cache_dir"):
         opero(cache=True, cache_dir="/tmp/x")(lambda: 1)
+
+
+CONCURRENT = textwrap.dedent(
+    """
+    import logging, sys
+
+    from opero import configure_logging, opero
+
+    configure_logging(logging.WARNING)
+    cache_dir, worker = sys.argv[1:]
+
+
+    @opero(cache=True, cache_backend="disk", cache_dir=cache_dir, cache_namespace="many")
+    def square(x):
+        return x * x
+
+
+    assert [square(x) for x in range(100)] == [x * x for x in range(100)]
+    print(worker)
+    """
+)
+
+
+def test_processes_share_one_directory_at_the_same_time(tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(CONCURRENT)
+    cache_dir = str(tmp_path / "cache")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), cache_dir, str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
+    assert [err for _, err in outputs] == ["", "", "", ""]  # no store warnings
+    raw = diskcache.Cache(cache_dir)
+    try:
+        assert len(raw) == 100
+    finally:
+        raw.close()
