@@ -49,19 +49,24 @@ def portable_exception(exc: BaseException) -> BaseException:
 def encode_outcome(task: int, ok: bool, value: object) -> bytes:
     if ok:
         try:
-            return ID.pack(task) + b"1" + _dumps(value)
+            return ID.pack(task) + b"1" + dumps(value)
         except Exception as exc:
             value = RemoteError(
                 type(exc).__qualname__, f"the result could not be pickled: {exc}", ""
             )
-        return ID.pack(task) + b"0" + _dumps(value)
+        return ID.pack(task) + b"0" + dumps(value)
     assert isinstance(value, BaseException)
-    return ID.pack(task) + b"0" + _dumps(portable_exception(value))
+    return ID.pack(task) + b"0" + dumps(portable_exception(value))
 
 
-def _dumps(value: object) -> bytes:
-    data: bytes = cloudpickle.dumps(value)
-    return data
+def dumps(value: object) -> bytes:
+    """Plain pickle when it can (much faster for plain data: cloudpickle's by-value hook runs
+    per object), cloudpickle for lambdas, closures and the like."""
+    try:
+        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        data: bytes = cloudpickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        return data
 
 
 def call_chunk(

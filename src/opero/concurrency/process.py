@@ -120,7 +120,7 @@ class ProcessBackend(Backend):
         future: Future[Any] = Future()
         try:
             key = self._function_key(fn)
-            payload = b"C" + _CALL.pack(0, key) + cloudpickle.dumps((args, kwargs))
+            payload = b"C" + _CALL.pack(0, key) + _dumps_arguments(args, kwargs)
         except Exception as exc:  # unpicklable function or arguments: this item fails
             future.set_exception(exc)
             return future
@@ -314,6 +314,15 @@ class ProcessBackend(Backend):
     def _release(self) -> None:
         for conn in (self._wake_r, self._wake_w):
             conn.close()
+
+
+def _dumps_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    data = _worker.dumps((args, kwargs))
+    if b"__main__" in data:
+        # Something defined in the caller's __main__ (maybe under its `if __name__` guard, which
+        # a worker never runs) was pickled by reference: send it by value instead.
+        data = cloudpickle.dumps((args, kwargs), pickle.HIGHEST_PROTOCOL)
+    return data
 
 
 class AsyncProcessBackend(ProcessBackend):
