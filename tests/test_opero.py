@@ -269,3 +269,9 @@ def test_persistent_backend_without_its_extra_fails_when_decorating(monkeypatch,
 def test_unknown_backend_names_are_value_errors(backend):
     with pytest.raises(ValueError, match="cache_backend"):
         opero(cache=True, cache_backend=backend)(plain)
+
+
+@pytest.mark.parametrize("func", [functools.partial(plain, 1), Flaky()], ids=["partial", "object"])
+def test_cache_refuses_callables_without_a_name(func):
+    with pytest.raises(TypeError, match="__qualname__"):
+        opero(cache=True)(func)

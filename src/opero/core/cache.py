@@ -211,7 +211,15 @@ class KeyBuilder:
     def __init__(
         self, func: Callable[..., Any], namespace: str, key_fn: Callable[..., object] | None
     ) -> None:
-        self.prefix = f"{namespace}:{func.__module__}.{func.__qualname__}:"
+        qualname = getattr(func, "__qualname__", None)
+        if not isinstance(qualname, str):
+            # A functools.partial or a callable object: no stable name to key on, and the
+            # partial's bound arguments would not be part of the key.
+            raise TypeError(
+                f"cache=True needs a function with a __qualname__, got {func!r}: decorate a "
+                "function (def) that makes this call instead"
+            )
+        self.prefix = f"{namespace}:{func.__module__}.{qualname}:"
         self._key_fn = key_fn
         self._signature = inspect.signature(func)
         params = list(self._signature.parameters.values())
