@@ -137,7 +137,13 @@ def test_duplicates_and_dict_items_keep_their_places(case: Any) -> None:
 
 def test_unordered_returns_every_result(case: Any) -> None:
     f = case(slow_square, workers=3, ordered=False)
-    assert sorted(call(f, range(9), delay=0.01)) == [x * x for x in range(9)]
+    assert call(f, range(9), delay=0.01) == [x * x for x in range(9)]  # a list keeps its order
+    assert sorted(collect_stream(f, range(9))) == [x * x for x in range(9)]
+
+
+def test_unordered_stream_yields_as_items_finish() -> None:
+    f = opmap(mode="thread", workers=2, ordered=False)(slow_square)
+    assert list(f.stream([2, 0], delay=0.1)) == [0, 4]  # item 2 sleeps 0.2 s, item 0 not at all
 
 
 def test_failures_raise_opmap_error_after_every_item(case: Any) -> None:

@@ -218,7 +218,7 @@ def test_lambdas_and_closures_work_under_spawn(tmp_path: Path) -> None:
 
 
 INTERRUPT_SCRIPT = """
-import os, sys, time
+import asyncio, os, sys, time
 from opero import opmap
 
 PIDS = sys.argv[1]
@@ -229,10 +229,20 @@ def slow(x):
     time.sleep(60)
     return x
 
+async def aslow(x):
+    with open(PIDS, "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    await asyncio.sleep(60)
+    return x
+
 if __name__ == "__main__":
-    f = opmap(mode=sys.argv[2], workers=3, retries=int(sys.argv[3]))(slow)
+    mode = sys.argv[2]
+    func = aslow if mode in ("async_process", "aiomultiprocess") else slow
+    f = opmap(mode=mode, workers=3, retries=int(sys.argv[3]))(func)
     try:
-        f(range(20))
+        result = f(range(20))
+        if asyncio.iscoroutine(result):
+            asyncio.run(result)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
         raise
@@ -241,8 +251,8 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize(
     ("mode", "retries"),
-    [("process", 0), ("process", 2), ("pathos", 0)],
-    ids=["process", "process-chain", "pathos"],
+    [("process", 0), ("process", 2), ("pathos", 0), ("async_process", 0), ("aiomultiprocess", 0)],
+    ids=["process", "process-chain", "pathos", "async_process", "aiomultiprocess"],
 )
 def test_ctrl_c_stops_promptly_and_leaves_no_child_processes(
     tmp_path: Path, mode: str, retries: int
@@ -319,3 +329,37 @@ def test_a_crash_inside_a_chunk_fails_only_the_item_that_killed_the_worker(
         f.close()
     assert isinstance(out[3], WorkerCrashedError)
     assert [v for i, v in enumerate(out) if i != 3] == [i * 2 for i in range(64) if i != 3]
+
+
+async def test_sync_process_map_inside_a_running_loop() -> None:
+    f = opmap(mode="process", workers=2, retries=1)(stamp)
+    try:
+        assert [item for item, _, _ in f([1, 2, 3])] == [1, 2, 3]
+    finally:
+        f.close()
+
+
+async def asleep_long(item: int) -> int:
+    await asyncio.sleep(30)
+    return item
+
+
+@pytest.mark.parametrize("mode", ["process", "async_process"])
+def test_cancelling_an_async_map_terminates_its_workers(mode: str) -> None:
+    import multiprocessing
+
+    f = opmap(mode=mode, workers=2)(asleep_long)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(f(range(10)))
+        await asyncio.sleep(1.0)
+        assert f._pool is not None
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    before = set(multiprocessing.active_children())
+    asyncio.run(main())
+    assert f._pool is None  # the next call starts a fresh pool
+    assert not [p for p in multiprocessing.active_children() if p.name == "opero-worker"]
+    assert set(multiprocessing.active_children()) <= before

@@ -80,9 +80,9 @@ def opmap(
     ``f(items, **kwargs)`` calls ``f(item, **kwargs)`` for every item on ``workers`` threads
     (``mode="thread"``), processes (``"process"``), coroutines of the caller's loop (``"async"``),
     event loops in worker processes (``"async_process"``) or the ``"pathos"`` and
-    ``"aiomultiprocess"`` pools, and returns the results in input order (``ordered=False``:
-    completion order). An ``async def`` function gives an awaitable. ``f.stream(items)`` yields
-    results as they are ready, reading the input lazily.
+    ``"aiomultiprocess"`` pools, and returns the results in input order. An ``async def``
+    function gives an awaitable. ``f.stream(items)`` yields results as they are ready (in input
+    order unless ``ordered=False``), reading the input lazily.
 
     Every ``@opero`` option applies per item in the caller's process: one rate limit for the
     whole map, one cache for all items and calls. ``cluster`` is the Ray or Dask cluster of the

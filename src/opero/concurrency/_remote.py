@@ -1,0 +1,269 @@
+"""What the cluster backends (``mode="ray"``, ``mode="dask"``) share.
+
+A cluster task runs :func:`invoke`, which never raises: it returns the call's outcome as
+cloudpickle bytes, with an exception that would not survive the trip replaced by a
+:class:`~opero.errors.RemoteError`. The caller decodes the bytes itself (:func:`decode`), so an
+outcome that cannot be unpickled here becomes a RemoteError too, instead of an engine error raised
+from deep inside Ray or Dask. Anything else the engine reports (a dead worker, a lost task) is
+translated by the backend.
+
+:class:`ClusterBackend` keeps at most ``workers`` tasks on the cluster: calls wait in a queue in
+the caller's process and one dispatcher thread hands them to the engine as tasks finish. So
+``future.cancel()`` on a queued call means it never reaches the cluster, and the engine's
+completion callbacks (which run on the engine's own threads, where submitting more work can
+deadlock) only record outcomes.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import inspect
+import pickle
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from typing import Any, ClassVar
+
+from opero.concurrency import Backend
+from opero.errors import RemoteError
+
+try:
+    import cloudpickle
+except ModuleNotFoundError:  # pragma: no cover - a Ray-only install: Ray ships its own copy
+    from ray import cloudpickle
+
+
+def invoke(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Runs on a cluster worker: ``fn(*args, **kwargs)`` (a coroutine is run to completion), and
+    its outcome ``(ok, value)`` as bytes; never raises."""
+    return run(fn, args, kwargs, cloudpickle.dumps)
+
+
+def fast_dumps(value: object, dumps: Callable[[object], bytes]) -> bytes:
+    """Plain pickle when it can (much faster for plain data), else ``dumps`` (cloudpickle)."""
+    try:
+        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return dumps(value)
+
+
+def run(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dumps: Callable[[object], bytes],
+) -> bytes:
+    """:func:`invoke` with the engine's own pickler: classes and functions sent by value keep
+    their identity in the caller only when the outcome is pickled by the same cloudpickle copy
+    that sent them (Ray ships its own)."""
+    try:
+        value = fn(*args, **kwargs)
+        if inspect.iscoroutine(value):
+            value = asyncio.run(value)
+    except Exception as exc:
+        return fast_dumps((False, _portable(exc, dumps)), dumps)
+    try:
+        return fast_dumps((True, value), dumps)
+    except Exception as exc:
+        error = RemoteError(type(exc).__qualname__, f"the result could not be pickled: {exc}")
+        return dumps((False, error))
+
+
+def decode(data: bytes) -> tuple[bool, Any]:
+    """The ``(ok, value)`` that :func:`invoke` sent; a RemoteError when it cannot be unpickled."""
+    try:
+        ok, value = pickle.loads(data)
+    except Exception as exc:
+        return False, RemoteError(type(exc).__qualname__, f"cannot unpickle the outcome: {exc}")
+    return bool(ok), value
+
+
+def _portable(exc: BaseException, dumps: Callable[[object], bytes]) -> BaseException:
+    try:
+        pickle.loads(dumps(exc))
+    except Exception:
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        try:
+            message = str(exc)
+        except Exception:
+            message = "<str() failed>"
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return RemoteError(name, message, tb)
+    return exc
+
+
+class _Call:
+    __slots__ = ("args", "fn", "future", "handle", "kwargs")
+
+    def __init__(
+        self,
+        future: Future[Any],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.future = future
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.handle: Any = None  # the engine's task (ObjectRef, distributed.Future)
+
+
+class ClusterBackend(Backend):
+    """A queue in front of a cluster engine; subclasses connect, launch, cancel, disconnect."""
+
+    batching = True
+    accepts_cluster = True
+    engine: ClassVar[str]
+
+    def __init__(self, workers: int, *, cluster: object = None) -> None:
+        super().__init__(workers)
+        self.cluster = cluster
+        self._cond = threading.Condition()
+        self._pending: deque[_Call] = deque()
+        self._running: set[_Call] = set()
+        self._thread: threading.Thread | None = None
+        self._connected = False
+        self._closing = False
+        self._cancel = False
+
+    # -- what an engine provides ---------------------------------------------------------------
+
+    @classmethod
+    def check_cluster(cls, cluster: object) -> None:
+        """Raise ValueError when ``cluster`` cannot name a cluster for this engine."""
+        if not isinstance(cluster, str) or not cluster:
+            raise ValueError(f"cluster must be an address (str) for mode={cls.engine!r}")
+
+    @abc.abstractmethod
+    def _connect(self) -> None:
+        """Connect to (or start) the cluster; called once, on the dispatcher thread."""
+
+    @abc.abstractmethod
+    def _launch(self, call: _Call) -> None:
+        """Send ``call`` to the cluster, set ``call.handle``, and arrange for
+        :meth:`_finished` to be called exactly once when it ends."""
+
+    @abc.abstractmethod
+    def _abort(self, calls: list[_Call]) -> None:
+        """Cancel the engine's tasks for ``calls`` (``close(cancel=True)``)."""
+
+    @abc.abstractmethod
+    def _disconnect(self) -> None:
+        """Release what :meth:`_connect` started or opened; never a cluster opero did not start."""
+
+    # -- caller side ---------------------------------------------------------------------------
+
+    def submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._cond:
+            if self._closing:
+                raise RuntimeError(f"this {self.engine} backend is closed")
+            self._pending.append(_Call(future, fn, args, kwargs))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"opero-{self.engine}-dispatcher", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+        return future
+
+    def close(self, *, cancel: bool = False) -> None:
+        with self._cond:
+            self._closing = True
+            self._cancel = self._cancel or cancel
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._cond:
+            connected, self._connected = self._connected, False
+        if connected:
+            self._disconnect()
+
+    def _finished(self, call: _Call, ok: bool, value: object) -> None:
+        """Record one task's outcome; called from the engine's threads."""
+        with self._cond:
+            if call not in self._running:
+                return  # already failed by close(cancel=True)
+            self._running.discard(call)
+            call.handle = None
+            self._cond.notify_all()
+        _settle(call.future, ok, value)
+
+    # -- dispatcher thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            if not self._connected:
+                self._connect()
+                self._connected = True
+        except BaseException as exc:
+            # Every queued call fails with the connection error; the next submit tries again.
+            with self._cond:
+                self._thread = None
+                failed, self._pending = list(self._pending), deque()
+            for call in failed:
+                if call.future.set_running_or_notify_cancel():
+                    call.future.set_exception(exc)
+            return
+        try:
+            while True:
+                with self._cond:
+                    while not self._ready():
+                        self._cond.wait()
+                    if self._cancel or not (self._pending or self._running):
+                        break
+                    batch: list[_Call] = []
+                    while self._pending and len(self._running) < self.workers:
+                        call = self._pending.popleft()
+                        if call.future.set_running_or_notify_cancel():
+                            self._running.add(call)
+                            batch.append(call)
+                for call in batch:
+                    self._start(call)
+        finally:
+            self._shutdown()
+
+    def _start(self, call: _Call) -> None:
+        try:
+            self._launch(call)
+        except Exception as exc:  # arguments the engine cannot serialise
+            self._finished(call, False, exc)
+
+    def _ready(self) -> bool:  # called with the lock held
+        if self._cancel:
+            return True
+        if self._pending and len(self._running) < self.workers:
+            return True
+        return self._closing and not self._pending and not self._running
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            self._closing = True
+            pending, self._pending = list(self._pending), deque()
+            running, self._running = list(self._running), set()
+        for call in pending:
+            if not call.future.cancel():
+                _settle(call.future, False, CancelledError())
+        if running:
+            try:
+                self._abort(running)
+            finally:
+                for call in running:
+                    _settle(call.future, False, CancelledError())
+
+
+def _settle(future: Future[Any], ok: bool, value: object) -> None:
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        assert isinstance(value, BaseException)
+        future.set_exception(value)
