@@ -78,6 +78,11 @@ class Backend(abc.ABC):
         self.workers = workers
         _live.add(self)
 
+    @classmethod  # noqa: B027 - an optional hook, not an abstract method
+    def check_cluster(cls, cluster: object) -> None:
+        """Raise ``ValueError`` naming ``cluster`` when the value cannot name a cluster for this
+        backend; called when decorating (``accepts_cluster`` backends only)."""
+
     @abc.abstractmethod
     def submit(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -112,6 +117,8 @@ _BUILTIN: dict[str, _Entry] = {
     "aiomultiprocess": _Entry(
         "opero.concurrency.aiomp:AioMultiprocessBackend", "aiomultiprocess", "aiomultiprocess"
     ),
+    "ray": _Entry("opero.concurrency.ray:RayBackend", "ray", "ray"),
+    "dask": _Entry("opero.concurrency.dask:DaskBackend", "dask", "distributed"),
 }
 _registry: dict[str, _Entry] = dict(_BUILTIN)
 

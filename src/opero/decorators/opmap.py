@@ -37,7 +37,9 @@ from opero.errors import MissingExtraError, OpmapError, WorkerCrashedError
 
 R = TypeVar("R")
 
-Mode = Literal["thread", "process", "async", "async_process", "pathos", "aiomultiprocess"]
+Mode = Literal[
+    "thread", "process", "async", "async_process", "pathos", "aiomultiprocess", "ray", "dask"
+]
 # (index, ok, value): one item's outcome; value is the exception when ok is False
 Outcome = tuple[int, bool, Any]
 
@@ -131,6 +133,8 @@ def opmap(
         raise ValueError(f"on_error must be 'raise' or 'return', got {on_error!r}")
     if cluster is not None and not backend.accepts_cluster:
         raise ValueError(f"cluster= has no effect with mode={mode!r}")
+    if cluster is not None:
+        backend.check_cluster(cluster)
     settings = _Settings(mode, backend, workers, ordered, progress, on_error, cluster)
 
     def decorate(func: Callable[..., Any]) -> Any:
