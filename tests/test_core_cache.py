@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from hashlib import blake2b
 
 import pytest
 
 from opero.core.cache import KeyBuilder, serialise_for_key
+from opero.errors import CacheKeyError
 
 
 def sample(a: object, b: object = 2, *rest: object, **extra: object) -> None:
@@ -73,3 +75,43 @@ def test_binding_errors_are_the_usual_type_errors(
 ) -> None:
     with pytest.raises(TypeError, match=message):
         KeyBuilder(simple, "ns", None)(args, kwargs)
+
+
+class Account:
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+
+    def balance(self, currency: str) -> str:
+        return f"{self.owner}:{currency}"
+
+    @classmethod
+    def kind(cls, x: int) -> int:
+        return x
+
+
+def test_bound_methods_key_on_their_instance() -> None:
+    alice, bob = Account("alice"), Account("bob")
+    a_keys, b_keys = KeyBuilder(alice.balance, "ns", None), KeyBuilder(bob.balance, "ns", None)
+    assert a_keys.prefix == b_keys.prefix == f"ns:{__name__}.Account.balance:"
+    assert a_keys(("EUR",), {}) != b_keys(("EUR",), {})
+    assert a_keys(("EUR",), {}) == KeyBuilder(Account("alice").balance, "ns", None)(("EUR",), {})
+    before = a_keys(("EUR",), {})
+    alice.owner = "carol"  # read per call: the key follows the instance's state
+    assert a_keys(("EUR",), {}) != before
+
+
+def test_bound_method_on_an_unkeyable_instance_names_self() -> None:
+    account = Account("x")
+    account.lock = threading.Lock()  # type: ignore[attr-defined]
+    with pytest.raises(CacheKeyError, match="'self'"):
+        KeyBuilder(account.balance, "ns", None)(("EUR",), {})
+
+
+def test_classmethods_and_builtin_methods_key_on_their_owner() -> None:
+    assert KeyBuilder(Account.kind, "ns", None)((1,), {}) == KeyBuilder(Account.kind, "ns", None)(
+        (1,), {}
+    )
+    assert KeyBuilder([1].count, "ns", None)((1,), {}) != KeyBuilder([2].count, "ns", None)(
+        (1,), {}
+    )
+    assert KeyBuilder(len, "ns", None)(([1],), {}) == KeyBuilder(len, "ns", None)(([1],), {})

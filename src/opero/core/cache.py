@@ -16,6 +16,7 @@ import fractions
 import inspect
 import pathlib
 import threading
+import types
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -202,6 +203,7 @@ class KeyBuilder:
         "_n_required",
         "_names",
         "_open",
+        "_owner",
         "_pairs",
         "_signature",
         "_tail",
@@ -221,6 +223,14 @@ class KeyBuilder:
             )
         self.prefix = f"{namespace}:{func.__module__}.{qualname}:"
         self._key_fn = key_fn
+        # A bound method computes with its __self__, which its parameters do not show:
+        # a.method and b.method must not share entries, so __self__ joins every key (the rule
+        # for `self`, read per call because the object may change between calls).
+        self._owner: object = _NO_OWNER
+        if inspect.ismethod(func) or (
+            inspect.isbuiltin(func) and not isinstance(func.__self__, types.ModuleType | None)
+        ):
+            self._owner = func.__self__
         self._signature = inspect.signature(func)
         params = list(self._signature.parameters.values())
         self._names = [p.name for p in params]
@@ -245,6 +255,9 @@ class KeyBuilder:
         self._memo: dict[str, str] = {}
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        if self._owner is not _NO_OWNER:
+            owner = _argument_text("self", self._owner)
+            return self._hash(owner + "\x1e" + self._text(args, kwargs))
         if self._key_fn is not None:
             return self._hash(_argument_text("cache_key", self._key_fn(*args, **kwargs)))
         if kwargs or not self._n_required <= len(args) <= self._n_params:
@@ -259,6 +272,15 @@ class KeyBuilder:
         return self._hash(
             "\x1f".join([_argument_text(n, v) for n, v in zip(self._names, args, strict=True)])
         )
+
+    def _text(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The text of the arguments that ``__call__`` hashes, without its shortcuts."""
+        if self._key_fn is not None:
+            return _argument_text("cache_key", self._key_fn(*args, **kwargs))
+        values = self._bind(args, kwargs)
+        if _PRIMITIVES.issuperset(map(type, values)):
+            return repr(values)
+        return "\x1f".join([_argument_text(n, v) for n, v in zip(self._names, values, strict=True)])
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         """Every parameter's value in signature order, defaults applied."""
@@ -293,6 +315,7 @@ class KeyBuilder:
 
 _MEMO_SIZE = 256
 _NO_DEFAULT: Any = object()
+_NO_OWNER: Any = object()
 _MEMO_TEXT = 256
 
 
