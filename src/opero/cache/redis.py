@@ -3,10 +3,10 @@ functions, so an async function never blocks its event loop on Redis I/O.
 
 Entries are plain Redis strings under the opero key
 (``"{namespace}:{module}.{qualname}:{digest}"``), written with ``SET ... PX`` so Redis expires them
-itself. Connections are pooled per URL (sync) and
-per URL and event loop (async). A dead server costs at most one short connect timeout per back-off
-period: after a connection failure the backend refuses at once, without touching the network, for
-1 s, doubling up to 30 s while the server stays down.
+itself. Connections are pooled per URL (sync) and per URL and event loop (async). A dead server
+costs at most one short timeout per back-off period: after a connection failure the backend
+refuses at once, without touching the network, for 1 s, doubling up to 30 s while the server stays
+down.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import redis as redis_py
     import redis.asyncio as redis_asyncio
 
-__all__ = ["DEFAULT_URL", "RedisCache", "redis_cache", "resolve_url"]
+__all__ = ["DEFAULT_URL", "RedisCache", "ServerUnavailable", "redis_cache", "resolve_url"]
 
 DEFAULT_URL = "redis://localhost:6379/0"
 
