@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sized
 from concurrent.futures import Future
-from typing import Any, Generic, Literal, Protocol, TypeVar, overload
+from typing import Any, Concatenate, Generic, Literal, Protocol, TypeVar, overload
 
 from opero._chain import Chain, Limiter, Options, build_chain
 from opero._clock import clock
@@ -35,6 +35,7 @@ from opero.concurrency import Backend, backend_class
 from opero.decorators.opero import check_function, is_async_function
 from opero.errors import MissingExtraError, OpmapError, WorkerCrashedError
 
+T = TypeVar("T")
 R = TypeVar("R")
 
 Mode = Literal[
@@ -155,10 +156,10 @@ def opmap(
 class _Decorator(Protocol):
     @overload
     def __call__(  # type: ignore[overload-overlap]
-        self, func: Callable[..., Awaitable[R]]
-    ) -> AsyncOpmap[R]: ...
+        self, func: Callable[Concatenate[T, ...], Awaitable[R]]
+    ) -> AsyncOpmap[T, R]: ...
     @overload
-    def __call__(self, func: Callable[..., R]) -> Opmap[R]: ...
+    def __call__(self, func: Callable[Concatenate[T, ...], R]) -> Opmap[T, R]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +200,7 @@ class _GatedLimiter:
         return await self._inner.areserve(clock.monotonic())
 
 
-class _Base(Generic[R]):
+class _Base(Generic[T, R]):
     """What every ``@opmap`` function has: its pool, ``close()`` and context managers."""
 
     def __init__(self, func: Callable[..., Any], chain: Chain, settings: _Settings) -> None:
@@ -318,7 +319,7 @@ class _Run:
     """One call's bookkeeping: the window, input order, progress."""
 
     def __init__(
-        self, owner: _Base[Any], items: Iterator[Any], total: int | None, streaming: bool
+        self, owner: _Base[Any, Any], items: Iterator[Any], total: int | None, streaming: bool
     ) -> None:
         settings = owner._settings
         self.items = enumerate(items)
@@ -422,10 +423,10 @@ class _Run:
         ) from value
 
 
-class Opmap(_Base[R]):
+class Opmap(_Base[T, R]):
     """A sync function decorated with ``@opmap``: call it with an iterable of items."""
 
-    def __call__(self, items: Iterable[Any], /, **kwargs: Any) -> list[R]:
+    def __call__(self, items: Iterable[T], /, **kwargs: Any) -> list[R]:
         run = self._start(items, streaming=False)
         try:
             if self._plain:
@@ -439,7 +440,7 @@ class Opmap(_Base[R]):
             run.close()
         return run.collect()
 
-    def stream(self, items: Iterable[Any], /, **kwargs: Any) -> Iterator[R]:
+    def stream(self, items: Iterable[T], /, **kwargs: Any) -> Iterator[R]:
         """Yield results as they are ready (input order when ``ordered=True``), reading
         ``items`` lazily with about ``2 x workers`` items in flight."""
         run = self._start(items, streaming=True)
@@ -453,10 +454,10 @@ class Opmap(_Base[R]):
             run.close()
 
 
-class AsyncOpmap(_Base[R]):
+class AsyncOpmap(_Base[T, R]):
     """An ``async def`` function decorated with ``@opmap``: await it with an iterable of items."""
 
-    async def __call__(self, items: Iterable[Any], /, **kwargs: Any) -> list[R]:
+    async def __call__(self, items: Iterable[T], /, **kwargs: Any) -> list[R]:
         run = self._start(items, streaming=False)
         try:
             await _drain(_outcomes_async(self, run, kwargs))
@@ -464,7 +465,7 @@ class AsyncOpmap(_Base[R]):
             run.close()
         return run.collect()
 
-    def stream(self, items: Iterable[Any], /, **kwargs: Any) -> AsyncIterator[R]:
+    def stream(self, items: Iterable[T], /, **kwargs: Any) -> AsyncIterator[R]:
         """Yield results as they are ready (input order when ``ordered=True``), reading
         ``items`` lazily with about ``2 x workers`` items in flight."""
         run = self._start(items, streaming=True)
@@ -482,7 +483,7 @@ class AsyncOpmap(_Base[R]):
 # the drivers
 
 
-def _outcomes_sync(owner: _Base[Any], run: _Run, kwargs: dict[str, Any]) -> Iterator[Outcome]:
+def _outcomes_sync(owner: _Base[Any, Any], run: _Run, kwargs: dict[str, Any]) -> Iterator[Outcome]:
     """Start items while there is room, yield outcomes as they complete (ordered by ``run``)."""
     pool = owner._acquire()
     func = owner._func
@@ -569,7 +570,7 @@ def _outcomes_sync(owner: _Base[Any], run: _Run, kwargs: dict[str, Any]) -> Iter
 
 
 async def _outcomes_async(
-    owner: _Base[Any], run: _Run, kwargs: dict[str, Any]
+    owner: _Base[Any, Any], run: _Run, kwargs: dict[str, Any]
 ) -> AsyncIterator[Outcome]:
     """:func:`_outcomes_sync` on the caller's event loop."""
     pool = owner._acquire()
