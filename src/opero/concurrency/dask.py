@@ -1,11 +1,12 @@
 """``mode="dask"``: the plain calls as Dask tasks, at most ``workers`` at a time.
 
 Which cluster: the ``distributed.Client`` given as ``cluster=`` (opero never closes it); else the
-scheduler address given as ``cluster=`` (a string or a cluster object such as ``LocalCluster``)
-or in ``DASK_SCHEDULER_ADDRESS``, through a client of opero's own; else the process's default
-Dask client, if there is one; else a ``LocalCluster`` of ``workers`` single-threaded worker
-processes without a dashboard, started on the first call. opero closes only the client and the
-local cluster it opened, when the function is closed (or at exit).
+scheduler address given as ``cluster=`` (a string, or a cluster object such as ``LocalCluster``)
+or in ``DASK_SCHEDULER_ADDRESS``, through a client of opero's own that it closes with the
+function; else the process's default Dask client, if there is one; else a ``LocalCluster`` of
+``workers`` single-threaded worker processes without a dashboard, started on the first call,
+shared by every ``mode="dask"`` function of the process and closed when the last of them is
+closed (or at exit). opero never closes a cluster it did not start.
 
 Dask reschedules a task whose worker died and gives up after
 ``distributed.scheduler.allowed-failures`` deaths with ``KilledWorker``; that, or a task lost
@@ -33,6 +34,7 @@ class DaskBackend(ClusterBackend):
     """Dask tasks; the module docstring tells which cluster and what a dead worker gives."""
 
     engine = "dask"
+    launch_in_callbacks = True  # they run on a thread of their own, not on the client's loop
 
     def __init__(self, workers: int, *, cluster: object = None) -> None:
         super().__init__(workers, cluster=cluster)
@@ -90,7 +92,9 @@ class DaskBackend(ClusterBackend):
         call.handle = task
 
         def done(task: Any) -> None:
-            self._finished(call, *_outcome(task))
+            # the slot is free as soon as the task ended; fetching its result is a round trip
+            if self._freed(call):
+                self._deliver(call, *_outcome(task))
 
         task.add_done_callback(done)
 
