@@ -363,3 +363,32 @@ def test_cancelling_an_async_map_terminates_its_workers(mode: str) -> None:
     assert f._pool is None  # the next call starts a fresh pool
     assert not [p for p in multiprocessing.active_children() if p.name == "opero-worker"]
     assert set(multiprocessing.active_children()) <= before
+
+
+def grow(data: bytes) -> bytes:
+    return data + b"!"
+
+
+def test_big_items_and_big_results_do_not_deadlock_the_pipes() -> None:
+    # A big item sent to a busy worker while it sends a big result back would fill both pipes.
+    f = opmap(mode="process", workers=2, retries=1)(grow)  # per-item calls
+    try:
+        out = f([bytes(1_000_000)] * 6)
+    finally:
+        f.close()
+    assert [len(b) for b in out] == [1_000_001] * 6
+
+
+def test_a_function_the_worker_cannot_load_fails_its_items() -> None:
+    import types
+
+    module = types.ModuleType("opero_test_nowhere")  # exists only in this process
+    exec("def f(x):\n    return x\n", module.__dict__)
+    sys.modules["opero_test_nowhere"] = module
+    try:
+        f = opmap(mode="process", workers=1, on_error="return")(module.f)
+        out = f([1, 2])
+        f.close()
+    finally:
+        del sys.modules["opero_test_nowhere"]
+    assert all(isinstance(e, ModuleNotFoundError) for e in out), out

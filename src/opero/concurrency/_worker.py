@@ -127,7 +127,10 @@ def main(conn: Any, concurrency: int, parent: int) -> None:
         tag = data[:1]
         if tag == b"F":
             (key,) = ID.unpack_from(data, 1)
-            functions[key] = pickle.loads(data[9:])
+            try:
+                functions[key] = pickle.loads(data[9:])
+            except Exception as exc:  # e.g. its module cannot be imported here
+                functions[key] = functools.partial(_reraise, exc)
             continue
         task, key = struct.unpack_from("!QQ", data, 1)
         try:
@@ -148,6 +151,10 @@ def main(conn: Any, concurrency: int, parent: int) -> None:
         else:
             future = asyncio.run_coroutine_threadsafe(result, loop)
             future.add_done_callback(functools.partial(_reply, send, task))
+
+
+def _reraise(exc: BaseException, *args: object, **kwargs: object) -> None:
+    raise exc
 
 
 def _reply(send: Callable[[bytes], None], task: int, future: Any) -> None:

@@ -35,6 +35,7 @@ from opero.concurrency import Backend, _worker
 from opero.errors import RemoteError, WorkerCrashedError
 
 _CALL = struct.Struct("!QQ")
+_PREFETCH_BYTES = 16 * 1024  # well under a pipe's buffer
 
 
 def default_context() -> Any:
@@ -105,6 +106,7 @@ class ProcessBackend(Backend):
         self._pending: deque[_Task] = deque()
         self._workers: list[_Worker] = []
         self._functions: dict[int, tuple[Callable[..., Any], int, bytes]] = {}
+        self._fn_data: dict[int, bytes] = {}
         self._ids = itertools.count(1)
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._woken = False
@@ -157,6 +159,7 @@ class ProcessBackend(Backend):
             with self._lock:
                 entry = (fn, len(self._functions) + 1, data)
                 self._functions[id(fn)] = entry
+                self._fn_data[entry[1]] = data
         return entry[1]
 
     def _wake(self) -> None:  # called with the lock held
@@ -218,6 +221,10 @@ class ProcessBackend(Backend):
             while self._pending and len(w.tasks) < self._capacity and not w.broken:
                 if self.concurrent_calls and running >= self.workers:
                     return
+                if w.tasks and not self.concurrent_calls and self._size(w) > _PREFETCH_BYTES:
+                    # A busy worker is not reading its pipe: a big message could fill it while
+                    # the worker fills ours with a big result, and both would wait forever.
+                    break
                 task = self._pending.popleft()
                 if not task.started:
                     if not task.future.set_running_or_notify_cancel():
@@ -236,10 +243,12 @@ class ProcessBackend(Backend):
                 running += 1
 
     def _fn_bytes(self, task: _Task) -> bytes:
-        for _fn, key, data in self._functions.values():
-            if key == task.key:
-                return data
-        raise AssertionError("unknown function key")  # pragma: no cover
+        return self._fn_data[task.key]
+
+    def _size(self, w: _Worker) -> int:
+        task = self._pending[0]
+        extra = 0 if task.key in w.functions else len(self._fn_data[task.key])
+        return len(task.payload) + extra
 
     def _receive(self, w: _Worker) -> None:
         while True:
