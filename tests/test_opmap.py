@@ -466,3 +466,21 @@ def test_progress_without_a_length_counts(capsys: pytest.CaptureFixture[str]) ->
     f = opmap(mode="thread", workers=2, progress=True, retries=1)(echo)
     assert len(f(x for x in range(5))) == 5
     assert "5item" in capsys.readouterr().err.replace(" ", "")
+
+
+def test_a_failing_shared_rate_limit_does_not_leak_worker_slots() -> None:
+    from opero.errors import OperoError
+
+    # Nothing listens on port 1: every attempt's rate-limit reservation fails; with 2 workers,
+    # a slot lost per failure would leave items 3..6 waiting forever.
+    f = opmap(
+        mode="thread",
+        workers=2,
+        on_error="return",
+        rate_limit=5,
+        rate_limit_backend="redis://127.0.0.1:1/0",
+        rate_limit_on_error="raise",
+    )(echo)
+    out = f(range(6))
+    assert len(out) == 6
+    assert all(isinstance(e, OperoError) for e in out), out

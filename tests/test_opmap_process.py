@@ -392,3 +392,17 @@ def test_a_function_the_worker_cannot_load_fails_its_items() -> None:
     finally:
         del sys.modules["opero_test_nowhere"]
     assert all(isinstance(e, ModuleNotFoundError) for e in out), out
+
+
+@opmap(mode="process", workers=2)
+def decorated_in_place(x: int) -> int:
+    return x + 1
+
+
+def test_a_function_decorated_at_module_level_runs_in_workers() -> None:
+    # The module's name now refers to the decorated object, not the function the workers run.
+    try:
+        assert decorated_in_place([1, 2, 3]) == [2, 3, 4]
+        assert list(decorated_in_place.stream(iter([5]))) == [6]
+    finally:
+        decorated_in_place.close()

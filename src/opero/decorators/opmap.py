@@ -197,7 +197,11 @@ class _GatedLimiter:
 
     async def areserve(self, now: float) -> float:
         await self._gate.acquire()
-        return await self._inner.areserve(clock.monotonic())
+        try:
+            return await self._inner.areserve(clock.monotonic())
+        except BaseException:  # e.g. a shared limiter's store is unreachable: no call follows
+            self._gate.release()
+            raise
 
 
 class _Base(Generic[T, R]):
