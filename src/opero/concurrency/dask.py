@@ -34,7 +34,7 @@ class DaskBackend(ClusterBackend):
     """Dask tasks; the module docstring tells which cluster and what a dead worker gives."""
 
     engine = "dask"
-    launch_in_callbacks = True  # they run on a thread of their own, not on the client's loop
+    launch_in_callbacks = True  # client.submit is fine on the client's loop
 
     def __init__(self, workers: int, *, cluster: object = None) -> None:
         super().__init__(workers, cluster=cluster)
@@ -86,17 +86,30 @@ class DaskBackend(ClusterBackend):
 
     def _launch(self, call: _Call) -> None:
         name = getattr(call.fn, "__name__", "call")
-        task = self._client.submit(
+        client = self._client
+        task = client.submit(
             invoke, call.fn, call.args, call.kwargs, key=f"{name}-{uuid.uuid4().hex}", pure=False
         )
         call.handle = task
+        # Wait and fetch on the client's own event loop: results of several tasks are then
+        # fetched concurrently, not one after the other on Dask's single callback thread.
+        client.loop.add_callback(self._collect, client, call, task)
 
-        def done(task: Any) -> None:
-            # the slot is free as soon as the task ended; fetching its result is a round trip
-            if self._freed(call):
-                self._deliver(call, *_outcome(task))
-
-        task.add_done_callback(done)
+    async def _collect(self, client: Any, call: _Call, task: Any) -> None:
+        try:
+            data = await client.gather(task, errors="raise", direct=False, asynchronous=True)
+        except KilledWorker as exc:
+            outcome: tuple[bool, Any] = (
+                False,
+                _crashed(f"Dask gave up on this item: {exc}", exc),
+            )
+        except (CancelledError, OSError) as exc:  # cancelled, or the scheduler went away
+            outcome = False, _crashed(f"the Dask task was lost: {exc!r}", exc)
+        except Exception as exc:  # invoke never raises: the engine failed around it
+            outcome = False, exc
+        else:
+            outcome = decode(data)
+        self._finished(call, *outcome)
 
     def _abort(self, calls: list[_Call]) -> None:
         tasks = [call.handle for call in calls if call.handle is not None]
@@ -166,23 +179,6 @@ class _LocalSession:
 
 
 _local = _LocalSession()
-
-
-def _outcome(task: Any) -> tuple[bool, Any]:
-    """A finished ``distributed.Future`` as ``(ok, value)``, with Dask's errors translated."""
-    status = task.status
-    try:
-        if status == "finished":
-            return decode(task.result())
-        if status == "error":
-            exc = task.exception()
-            if isinstance(exc, KilledWorker):
-                return False, _crashed(f"Dask gave up on this item: {exc}", exc)
-            # invoke never raises: this is the engine failing around it
-            return False, exc
-    except (CancelledError, OSError) as exc:  # the result's worker or the scheduler went away
-        return False, _crashed(f"the Dask task's result was lost: {exc!r}", exc)
-    return False, _crashed(f"the Dask task was lost (status {status!r})", None)
 
 
 def _crashed(message: str, cause: BaseException | None) -> WorkerCrashedError:
