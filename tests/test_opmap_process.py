@@ -406,3 +406,39 @@ def test_a_function_decorated_at_module_level_runs_in_workers() -> None:
         assert list(decorated_in_place.stream(iter([5]))) == [6]
     finally:
         decorated_in_place.close()
+
+
+def flaky_once(item: int, folder: str) -> int:
+    """Odd items fail their first attempt (a marker file remembers it across processes)."""
+    marker = Path(folder) / f"{item}.seen"
+    if item % 2 and not marker.exists():
+        marker.touch()
+        raise TimeoutError(f"item {item}: first attempt")
+    return item * 10
+
+
+def test_retries_only_first_attempts_in_chunks_retries_in_the_caller(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    f = opmap(mode="process", workers=2, retries=2, min_delay=0.01, jitter=False)(flaky_once)
+    try:
+        with caplog.at_level("WARNING", logger="opero"):
+            out = f(range(40), folder=str(tmp_path))  # sized input: sent in chunks of 5
+    finally:
+        f.close()
+    assert out == [i * 10 for i in range(40)]
+    retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retried) == 20  # once per odd item, logged by the caller
+    assert all("attempt 1 of 3 failed with TimeoutError" in m for m in retried)
+
+
+def test_retries_only_does_not_retry_what_retry_on_excludes(tmp_path: Path) -> None:
+    f = opmap(mode="process", workers=2, retries=2, retry_on=KeyError, on_error="return")(
+        flaky_once
+    )
+    try:
+        out = f(range(10), folder=str(tmp_path))
+    finally:
+        f.close()
+    assert [type(v) for v in out[1::2]] == [TimeoutError] * 5
+    assert out[0::2] == [0, 20, 40, 60, 80]

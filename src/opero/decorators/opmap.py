@@ -203,6 +203,16 @@ class _GatedLimiter:
             self._gate.release()
             raise
 
+    def settle(self, now: float) -> float:
+        return self._inner.settle(now)
+
+    def abandon(self) -> None:
+        # The waiter gave up before its call (cancelled while waiting): free its worker slot.
+        try:
+            self._inner.abandon()
+        finally:
+            self._gate.release()
+
 
 class _Base(Generic[T, R]):
     """What every ``@opmap`` function has: its pool, ``close()`` and context managers."""
@@ -216,12 +226,11 @@ class _Base(Generic[T, R]):
         self._lock = threading.Lock()
         self._pool: Backend | None = None
         self._active = 0
-        self._plain = (
-            chain.cache is None
-            and chain.fallback is None
-            and chain.limiter is None
-            and chain.retry.attempts == 1
-        )
+        bare = chain.cache is None and chain.fallback is None and chain.limiter is None
+        self._plain = bare and chain.retry.attempts == 1
+        # A chain of retries alone: the first attempt can go straight to the pool like a plain
+        # call, and only items that failed it need their chain.
+        self._retries_only = bare and chain.retry.attempts > 1
         self.opero_chain = chain
 
     def __repr__(self) -> str:
@@ -433,7 +442,7 @@ class Opmap(_Base[T, R]):
     def __call__(self, items: Iterable[T], /, **kwargs: Any) -> list[R]:
         run = self._start(items, streaming=False)
         try:
-            if self._plain:
+            if self._plain or self._retries_only:
                 for _ in _outcomes_sync(self, run, kwargs):
                     pass
             else:
@@ -487,30 +496,52 @@ class AsyncOpmap(_Base[T, R]):
 # the drivers
 
 
+_ITEM, _CHUNK, _CHAIN = 0, 1, 2  # what an in-flight future of the sync driver stands for
+
+
 def _outcomes_sync(owner: _Base[Any, Any], run: _Run, kwargs: dict[str, Any]) -> Iterator[Outcome]:
-    """Start items while there is room, yield outcomes as they complete (ordered by ``run``)."""
+    """Start items while there is room, yield outcomes as they complete (ordered by ``run``).
+
+    A plain function's calls go straight to the pool (in chunks when it batches). A function
+    with retries only does the same for its first attempt; an item whose first attempt failed
+    with a retryable error continues through its chain (backoff and later attempts) on a helper
+    event loop, exactly as if the chain had made that first attempt. Other chains run on the
+    helper loop from the start.
+    """
     pool = owner._acquire()
     func = owner._func
+    retry = owner._chain.retry
+    direct = owner._plain or owner._retries_only
     done: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
-    # future -> (first index, chunk size (0: one item), the chunk's items)
+    # future -> (kind, first index, the items it stands for)
     in_flight: dict[Future[Any], tuple[int, int, list[Any]]] = {}
     helper: _LoopThread | None = None
-    chunks = _Chunks(run.total, pool.workers) if owner._plain and pool.batching else None
-    abort = True
-    try:
-        if owner._plain:
+    chain: Chain | None = None
+    chunks = _Chunks(run.total, pool.workers) if direct and pool.batching else None
 
-            def start(item: Any) -> Future[Any]:
-                return pool.submit(func, (item,), kwargs)
+    def send(index: int, item: Any) -> None:
+        future = pool.submit(func, (item,), kwargs)
+        in_flight[future] = (_ITEM, index, [item])
+        future.add_done_callback(done.put)
 
-        else:
+    def chained(index: int, item: Any, first_failure: BaseException | None = None) -> None:
+        nonlocal helper, chain
+        if helper is None:
             helper = _LoopThread()
             chain = owner._chain_for(pool)
+        assert chain is not None
+        item_chain = chain
+        if first_failure is not None:
+            item_chain = dataclasses.replace(chain, call=_failed_once(first_failure, chain.call))
+        future = helper.submit(run_async(item_chain, (item,), kwargs))
+        in_flight[future] = (_CHAIN, index, [item])
+        future.add_done_callback(done.put)
 
-            def start(item: Any) -> Future[Any]:
-                assert helper is not None
-                return helper.submit(run_async(chain, (item,), kwargs))
+    def retryable(exc: BaseException) -> bool:
+        return owner._retries_only and retry.should_retry(exc, 1)
 
+    abort = True
+    try:
         exhausted = False
         while True:
             while not exhausted and run.room(len(in_flight) * (chunks.size if chunks else 1)):
@@ -519,45 +550,54 @@ def _outcomes_sync(owner: _Base[Any, Any], run: _Run, kwargs: dict[str, Any]) ->
                     if entry is None:
                         exhausted = True
                         break
-                    future = start(entry[1])
-                    in_flight[future] = (entry[0], 0, _NOTHING)
-                else:
-                    batch = list(itertools.islice(run.items, chunks.size))
-                    if not batch:
-                        exhausted = True
-                        break
-                    chunk = [item for _, item in batch]
-                    future = pool.submit(_call_chunk(), (func, chunk, kwargs), {})
-                    chunks.sent(future)
-                    in_flight[future] = (batch[0][0], len(batch), chunk)
+                    (send if direct else chained)(*entry)
+                    continue
+                batch = list(itertools.islice(run.items, chunks.size))
+                if not batch:
+                    exhausted = True
+                    break
+                chunk = [item for _, item in batch]
+                future = pool.submit(_call_chunk(), (func, chunk, kwargs), {})
+                chunks.sent(future)
+                in_flight[future] = (_CHUNK, batch[0][0], chunk)
                 future.add_done_callback(done.put)
             if not in_flight:
                 break
             future = done.get()
-            first, count, chunk = in_flight.pop(future)
-            if chunks is not None:
+            kind, first, items = in_flight.pop(future)
+            if chunks is not None and kind == _CHUNK:
                 chunks.received(future)
+            ready: list[Outcome]
             try:
                 value = future.result()
-            except WorkerCrashedError as exc:
-                if count <= 1:
-                    ready = run.failed(first, 1, exc)
-                else:
+            except BaseException as exc:
+                if kind == _CHUNK and isinstance(exc, WorkerCrashedError) and len(items) > 1:
                     # One item of the chunk killed its worker: run the chunk's items one by one
                     # so that only that item fails (items finished before the crash run again).
-                    for offset, item in enumerate(chunk):
-                        retry = pool.submit(func, (item,), kwargs)
-                        in_flight[retry] = (first + offset, 0, _NOTHING)
-                        retry.add_done_callback(done.put)
+                    for offset, item in enumerate(items):
+                        send(first + offset, item)
                     continue
-            except BaseException as exc:
-                ready = run.failed(first, max(count, 1), exc)
+                if kind != _CHAIN and retryable(exc):
+                    for offset, item in enumerate(items):
+                        chained(first + offset, item, exc)
+                    continue
+                ready = run.failed(first, len(items), exc)
             else:
-                ready = (
-                    run.finished(first, True, value)
-                    if count == 0
-                    else run.finished_chunk(first, *value)
-                )
+                if kind != _CHUNK:
+                    ready = run.finished(first, True, value)
+                elif not value[1] or not owner._retries_only:
+                    ready = run.finished_chunk(first, *value)
+                else:
+                    values, errors = value
+                    ready = []
+                    for offset, item in enumerate(items):
+                        error = errors.get(offset)
+                        if error is None:
+                            ready += run.finished(first + offset, True, values[offset])
+                        elif retryable(error):
+                            chained(first + offset, item, error)
+                        else:
+                            ready += run.finished(first + offset, False, error)
             if ready:
                 yield from ready
         abort = False
@@ -571,6 +611,19 @@ def _outcomes_sync(owner: _Base[Any, Any], run: _Run, kwargs: dict[str, Any]) ->
         if helper is not None:
             helper.stop()
         owner._release(pool, abort=abort)
+
+
+def _failed_once(exc: BaseException, call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call``, except that its first invocation raises ``exc``: the first attempt was made
+    directly on the pool and failed, so the chain goes on with its backoff and attempt 2."""
+    pending = [exc]
+
+    async def first_failed(*args: Any, **kwargs: Any) -> Any:
+        if pending:
+            raise pending.pop()
+        return await call(*args, **kwargs)
+
+    return first_failed
 
 
 async def _outcomes_async(
