@@ -25,11 +25,15 @@ class ThreadBackend(Backend):
     def __init__(self, workers: int) -> None:
         super().__init__(workers)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="opero-opmap")
+        self._last: tuple[object, bool] = (None, False)  # (function, is async): one atomic pair
 
     def submit(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Future[Any]:
-        if inspect.iscoroutinefunction(fn):
+        last = self._last
+        if last[0] is not fn:
+            last = self._last = (fn, inspect.iscoroutinefunction(fn))
+        if last[1]:
             return self._pool.submit(run_call, fn, args, kwargs)
         return self._pool.submit(fn, *args, **kwargs)
 
