@@ -27,23 +27,32 @@ def assert_rate(starts: list[float], rate: float, slack: float = 0.0) -> None:
 
 @pytest.fixture
 def slots(monkeypatch):
-    """The start slot each reservation was given (arrival + wait), from any thread or loop.
+    """The moment each start was granted (by ``reserve`` or ``settle``), from any thread or loop.
 
-    Real start times are noisy on a busy machine (a thread that wakes late bunches up with the
-    next one), so the window rule is checked exactly on the slots the limiter hands out, and the
-    real clock only has to show that the last call did not start before its slot.
+    The limiter grants a start only at least one interval after the previous grant, whenever the
+    caller wakes up, so the window rule is checked exactly on the grants; the real clock only has
+    to show that the last call did not start before its turn.
     """
     given: list[float] = []
     lock = threading.Lock()
-    reserve = RateLimiter.reserve
+    reserve, settle = RateLimiter.reserve, RateLimiter.settle
 
-    def recording(self: RateLimiter, now: float) -> float:
+    def recording_reserve(self: RateLimiter, now: float) -> float:
         wait = reserve(self, now)
-        with lock:
-            given.append(now + wait)
+        if wait == 0:
+            with lock:
+                given.append(now)
         return wait
 
-    monkeypatch.setattr(RateLimiter, "reserve", recording)
+    def recording_settle(self: RateLimiter, now: float) -> float:
+        wait = settle(self, now)
+        if wait == 0:
+            with lock:
+                given.append(now)
+        return wait
+
+    monkeypatch.setattr(RateLimiter, "reserve", recording_reserve)
+    monkeypatch.setattr(RateLimiter, "settle", recording_settle)
     return given
 
 
@@ -62,6 +71,7 @@ def test_assert_rate_catches_a_burst():
 def test_limiter_spaces_slots_evenly_and_keeps_no_burst_after_idle():
     limiter = RateLimiter(10)
     assert [limiter.reserve(0.0) for _ in range(4)] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert [limiter.settle(t) for t in (0.1, 0.2, 0.3)] == [0.0, 0.0, 0.0]
     # Idle for a long time: the next call starts at once, the one after waits a full interval
     # (no stored-up burst).
     assert limiter.reserve(100.0) == 0.0
@@ -69,7 +79,48 @@ def test_limiter_spaces_slots_evenly_and_keeps_no_burst_after_idle():
     assert limiter.reserve(100.05) == pytest.approx(0.15)
 
 
-@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), "10", True])
+def test_late_sleepers_never_start_closer_than_one_interval():
+    limiter = RateLimiter(10)
+    assert limiter.reserve(0.0) == 0.0
+    assert limiter.reserve(0.0) == pytest.approx(0.1)
+    assert limiter.reserve(0.0) == pytest.approx(0.2)
+    # Both sleepers wake late, at the same moment: only one may start, the other waits on.
+    assert limiter.settle(0.35) == 0.0
+    assert limiter.settle(0.35) == pytest.approx(0.1)
+    assert limiter.settle(0.45) == 0.0
+
+
+def test_abandoned_waiters_hold_no_place_in_the_queue():
+    limiter = RateLimiter(2)
+    assert limiter.reserve(0.0) == 0.0
+    for _ in range(5):
+        assert limiter.reserve(0.0) > 0
+        limiter.abandon()
+    # Five cancelled waiters later, a new caller waits one interval, not six.
+    assert limiter.reserve(0.0) == pytest.approx(0.5)
+
+
+def test_cancelled_async_waiters_release_their_place():
+    async def main() -> float:
+        f = opero(rate_limit=2)(_async_now)
+        await f()
+        waiters = [asyncio.create_task(f()) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        for task in waiters:
+            task.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        began = time.monotonic()
+        await f()
+        return time.monotonic() - began
+
+    assert asyncio.run(main()) < 1.5  # one interval (0.5 s), not six (3 s)
+
+
+async def _async_now() -> float:
+    return time.monotonic()
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), "10", True, 1e-320])
 def test_limiter_rejects_impossible_rates(bad):
     with pytest.raises(ValueError, match="rate_limit"):
         RateLimiter(bad)

@@ -27,10 +27,17 @@ from opero.limiters import make_limiter
 
 
 class Limiter(Protocol):
-    """Decides how long a call must wait before it may start (the engine does the waiting)."""
+    """Decides how long a call must wait before it may start (the engine does the waiting).
+
+    ``reserve``/``areserve`` answer the first ask (0 = start now). A caller told to wait sleeps,
+    then asks ``settle`` until it answers 0; a caller that gives up while waiting calls
+    ``abandon``.
+    """
 
     def reserve(self, now: float) -> float: ...
     async def areserve(self, now: float) -> float: ...
+    def settle(self, now: float) -> float: ...
+    def abandon(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,14 @@ def _check_cache_options(opts: Options) -> None:
         or opts.cache_maxsize < 1
     ):
         raise ValueError(f"cache_maxsize must be an integer >= 1, got {opts.cache_maxsize!r}")
+    defaults = Options()
+    custom_size = opts.cache_maxsize != defaults.cache_maxsize
+    if opts.cache and opts.cache_backend != "memory" and custom_size:
+        raise ValueError(
+            f"cache_maxsize={opts.cache_maxsize!r} bounds the memory backend only; "
+            f"cache_backend={opts.cache_backend!r} keeps its own size"
+        )
     if not opts.cache:
-        defaults = Options()
         for name in (
             "cache_ttl",
             "cache_backend",
@@ -107,6 +120,7 @@ def _check_cache_options(opts: Options) -> None:
             "cache_dir",
             "cache_maxsize",
             "cache_serializer",
+            "cache_namespace",
         ):
             if getattr(opts, name) != getattr(defaults, name):
                 raise ValueError(f"{name}={getattr(opts, name)!r} has no effect without cache=True")

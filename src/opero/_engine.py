@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from opero._chain import Chain
+from opero._chain import Chain, Limiter
 from opero._clock import clock
 from opero._log import logger
 from opero.core.cache import MISSING, CacheLayer, LeaderGone
@@ -58,8 +58,12 @@ def _lead_sync(
     except BaseException:
         cache.flights.finish(key, flight, None, LeaderGone())
         raise
-    cache.store(key, value)
-    cache.flights.finish(key, flight, value, None)
+    try:
+        cache.store(key, value)
+    finally:
+        # Even when storing is interrupted the followers get the computed value, and the
+        # flight always ends: a flight left open would make every later call wait forever.
+        cache.flights.finish(key, flight, value, None)
     return value
 
 
@@ -102,7 +106,7 @@ def _retry_sync(
         if limiter is not None:
             wait = limiter.reserve(clock.monotonic())
             if wait > 0:
-                clock.sleep(wait)
+                _wait_for_start_sync(limiter, wait)
         try:
             return chain.call(*args, **kwargs)
         except Exception as exc:
@@ -112,6 +116,16 @@ def _retry_sync(
             _log_retry(chain, attempt, exc, delay)
         clock.sleep(delay)
         attempt += 1
+
+
+def _wait_for_start_sync(limiter: Limiter, wait: float) -> None:
+    try:
+        while wait > 0:
+            clock.sleep(wait)
+            wait = limiter.settle(clock.monotonic())
+    except BaseException:
+        limiter.abandon()  # an interrupted waiter must not hold a place in the queue
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,8 +175,12 @@ async def _lead_async(
     except BaseException:
         cache.flights.finish(key, flight, None, LeaderGone())
         raise
-    await cache.astore(key, value)
-    cache.flights.finish(key, flight, value, None)
+    try:
+        await cache.astore(key, value)
+    finally:
+        # Even when storing is interrupted the followers get the computed value, and the
+        # flight always ends: a flight left open would make every later call wait forever.
+        cache.flights.finish(key, flight, value, None)
     return value
 
 
@@ -192,7 +210,7 @@ async def _retry_async(chain: Chain, args: tuple[Any, ...], kwargs: dict[str, An
         if limiter is not None:
             wait = await limiter.areserve(clock.monotonic())
             if wait > 0:
-                await clock.asleep(wait)
+                await _wait_for_start_async(limiter, wait)
         try:
             return await chain.call(*args, **kwargs)
         except Exception as exc:
@@ -202,6 +220,16 @@ async def _retry_async(chain: Chain, args: tuple[Any, ...], kwargs: dict[str, An
             _log_retry(chain, attempt, exc, delay)
         await clock.asleep(delay)
         attempt += 1
+
+
+async def _wait_for_start_async(limiter: Limiter, wait: float) -> None:
+    try:
+        while wait > 0:
+            await clock.asleep(wait)
+            wait = limiter.settle(clock.monotonic())
+    except BaseException:
+        limiter.abandon()  # a cancelled waiter must not hold a place in the queue
+        raise
 
 
 # ---------------------------------------------------------------------------------------------

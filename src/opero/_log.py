@@ -28,4 +28,7 @@ def configure_logging(
     _handler.setFormatter(logging.Formatter(fmt or _DEFAULT_FORMAT))
     logger.addHandler(_handler)
     logger.setLevel(level.upper() if isinstance(level, str) else level)  # "info" works too
+    # The handler installed here prints opero's records; passing them on to the root logger's
+    # handlers as well would print every line twice.
+    logger.propagate = False
     return logger

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,8 +21,10 @@ __all__ = ["FakeTime", "fake_time"]
 class FakeTime:
     """A clock that moves only when opero sleeps. ``slept`` lists every wait in order."""
 
-    def __init__(self, start: float = 0.0) -> None:
-        self.now = start
+    def __init__(self, start: float | None = None) -> None:
+        # Starting from the real clock keeps limiters and cache entries made before the block
+        # consistent with the fake time inside it.
+        self.now = time.monotonic() if start is None else start
         self.slept: list[float] = []
 
     def monotonic(self) -> float:
@@ -42,7 +45,7 @@ class FakeTime:
 
 
 @contextmanager
-def fake_time(start: float = 0.0) -> Iterator[FakeTime]:
+def fake_time(start: float | None = None) -> Iterator[FakeTime]:
     """Replace opero's clock and sleeps with a :class:`FakeTime` inside the ``with`` block."""
     fake = FakeTime(start)
     saved = (clock.monotonic, clock.sleep, clock.asleep)

@@ -16,6 +16,13 @@ def _check_retry_on(retry_on: object) -> tuple[type[BaseException], ...]:
         raise ValueError(
             f"retry_on must be an exception type or a tuple of exception types, got {retry_on!r}"
         )
+    for t in types:
+        if not issubclass(t, Exception) and t is not BaseException:
+            # KeyboardInterrupt, SystemExit, CancelledError and their kin always propagate.
+            raise ValueError(
+                f"retry_on={t.__name__} can never match: only Exception subclasses are retried "
+                "(KeyboardInterrupt, SystemExit and cancellation always propagate)"
+            )
     return types
 
 

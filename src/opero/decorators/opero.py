@@ -28,10 +28,17 @@ def check_function(func: object, decorator: str) -> None:
 
 
 def is_async_function(func: Callable[..., Any]) -> bool:
-    return inspect.iscoroutinefunction(inspect.unwrap(func)) or inspect.iscoroutinefunction(func)
+    """True for ``async def`` functions, wrappers of them, and objects whose ``__call__`` is
+    ``async def``."""
+    if inspect.iscoroutinefunction(inspect.unwrap(func)) or inspect.iscoroutinefunction(func):
+        return True
+    call = type(func).__dict__.get("__call__") or getattr(type(func), "__call__", None)  # noqa: B004
+    return not inspect.isroutine(func) and inspect.iscoroutinefunction(call)
 
 
 def opero(
+    _func: None = None,
+    /,
     *,
     retries: int = 0,
     backoff_factor: float = 1.5,
@@ -61,6 +68,11 @@ def opero(
     is off until named; see the README's option reference for each one. Impossible values raise
     ``ValueError`` naming the option when decorating; unknown options raise ``TypeError``.
     """
+    if _func is not None:
+        raise TypeError(
+            "write @opero(...) with parentheses: opero takes keyword-only options, "
+            f"got {_func!r} as a positional argument"
+        )
     opts = Options(
         retries=retries,
         backoff_factor=backoff_factor,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import math
 import os
@@ -159,6 +160,12 @@ async def _close_at_loop_shutdown(
 # ---------------------------------------------------------------------------------------------
 
 
+# The limiter whose per-process fallback queue the current thread or task waits in, if any.
+_LOCAL_WAITER: contextvars.ContextVar[RedisRateLimiter | None] = contextvars.ContextVar(
+    "opero_local_waiter", default=None
+)
+
+
 class RedisRateLimiter:
     """At most ``rate`` call starts per second across every process that shares ``key`` in Redis.
 
@@ -276,6 +283,22 @@ class RedisRateLimiter:
             )
         return self._unavailable(now)
 
+    def settle(self, now: float) -> float:
+        """After sleeping: Redis slots are exact, so start now, unless the wait came from the
+        per-process fallback limiter, which then decides."""
+        if _LOCAL_WAITER.get() is not self:
+            return 0.0
+        wait = self._local.settle(now)
+        if wait == 0.0:
+            _LOCAL_WAITER.set(None)
+        return wait
+
+    def abandon(self) -> None:
+        """A caller that was told to wait gave up; only the fallback limiter keeps a queue."""
+        if _LOCAL_WAITER.get() is self:
+            _LOCAL_WAITER.set(None)
+            self._local.abandon()
+
     def _unavailable(self, now: float) -> float:
         if self.on_error == "raise":
             error = self._error
@@ -283,7 +306,10 @@ class RedisRateLimiter:
                 f"rate limit {self.key!r}: Redis at {redact(self.url)} is unreachable "
                 f"({type(error).__name__}: {error}); rate_limit_on_error='raise'"
             ) from error
-        return self._local.reserve(now)
+        wait = self._local.reserve(now)
+        if wait > 0:
+            _LOCAL_WAITER.set(self)  # this caller now waits in the local queue (see settle)
+        return wait
 
     def _recovered(self) -> None:
         with self._lock:
