@@ -238,7 +238,8 @@ async def aslow(x):
 if __name__ == "__main__":
     mode = sys.argv[2]
     func = aslow if mode in ("async_process", "aiomultiprocess") else slow
-    f = opmap(mode=mode, workers=3, retries=int(sys.argv[3]))(func)
+    options = {"plain": {}, "retries": {"retries": 2}, "chain": {"cache": True}}[sys.argv[3]]
+    f = opmap(mode=mode, workers=3, **options)(func)
     try:
         result = f(range(20))
         if asyncio.iscoroutine(result):
@@ -250,18 +251,25 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize(
-    ("mode", "retries"),
-    [("process", 0), ("process", 2), ("pathos", 0), ("async_process", 0), ("aiomultiprocess", 0)],
-    ids=["process", "process-chain", "pathos", "async_process", "aiomultiprocess"],
+    ("mode", "options"),
+    [
+        ("process", "plain"),
+        ("process", "retries"),
+        ("process", "chain"),
+        ("pathos", "plain"),
+        ("async_process", "plain"),
+        ("aiomultiprocess", "plain"),
+    ],
+    ids=["process", "process-retries", "process-chain", "pathos", "async_process", "aiomp"],
 )
 def test_ctrl_c_stops_promptly_and_leaves_no_child_processes(
-    tmp_path: Path, mode: str, retries: int
+    tmp_path: Path, mode: str, options: str
 ) -> None:
     script = tmp_path / "interrupt_check.py"
     script.write_text(textwrap.dedent(INTERRUPT_SCRIPT))
     pids_file = tmp_path / "pids"
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(pids_file), mode, str(retries)],
+        [sys.executable, str(script), str(pids_file), mode, options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
