@@ -214,7 +214,7 @@ def resilient_fetch(cfg: DemoConfig) -> Callable[..., dict[str, object]]:
     )(fetch_item)
 
 
-def parallel_fetch(cfg: DemoConfig) -> Opmap[dict[str, object]]:
+def parallel_fetch(cfg: DemoConfig) -> Opmap[int, dict[str, object]]:
     """``fetch_item`` under ``@opmap``: call it with a list of ids; same resilience per item,
     one rate limit for the whole map."""
     return opmap(
