@@ -9,9 +9,9 @@ translated by the backend.
 
 :class:`ClusterBackend` keeps at most ``workers`` tasks on the cluster: calls wait in a queue in
 the caller's process and one dispatcher thread hands them to the engine as tasks finish. So
-``future.cancel()`` on a queued call means it never reaches the cluster, and the engine's
-completion callbacks (which run on the engine's own threads, where submitting more work can
-deadlock) only record outcomes.
+``future.cancel()`` on a queued call means it never reaches the cluster. The engine's completion
+callbacks record outcomes; they start the next call themselves only where the engine allows it
+(``launch_in_callbacks``: Dask yes; Ray can deadlock when a callback submits work).
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ class ClusterBackend(Backend):
     accepts_cluster = True
     engine: ClassVar[str]
     # True when the engine's completion callbacks may submit work: the next call then starts
-    # there, without a trip through the dispatcher thread (each thread hop can cost a GIL
-    # switch interval, 5 ms, when the caller's process is busy).
+    # there, without a hop through the dispatcher thread (each hop between threads costs time
+    # when the caller's process is busy).
     launch_in_callbacks: ClassVar[bool] = False
 
     def __init__(self, workers: int, *, cluster: object = None) -> None:
@@ -129,7 +129,7 @@ class ClusterBackend(Backend):
         self._cond = threading.Condition()
         self._pending: deque[_Call] = deque()
         self._running: set[_Call] = set()
-        self._fetching = 0  # calls done on the cluster whose outcome is still on its way
+        self._delivering = 0  # calls done on the cluster whose future is not completed yet
         self._thread: threading.Thread | None = None
         self._connected = False
         self._closing = False
@@ -197,13 +197,13 @@ class ClusterBackend(Backend):
             self._deliver(call, ok, value)
 
     def _freed(self, call: _Call, *, launch: bool = True) -> bool:
-        """The task ended on the cluster: its slot goes to the next call at once, before its
-        result is fetched. False when ``close(cancel=True)`` already failed it."""
+        """The task ended on the cluster: its slot goes to the next call, before the outcome is
+        delivered. False when ``close(cancel=True)`` already failed it."""
         with self._cond:
             if call not in self._running:
                 return False
             self._running.discard(call)
-            self._fetching += 1
+            self._delivering += 1
             call.handle = None
             batch = self._take() if launch and self.launch_in_callbacks else []
             self._cond.notify_all()
@@ -217,7 +217,7 @@ class ClusterBackend(Backend):
             _settle(call.future, ok, value)
         finally:
             with self._cond:
-                self._fetching -= 1
+                self._delivering -= 1
                 self._cond.notify_all()
 
     # -- dispatcher thread ---------------------------------------------------------------------
@@ -241,7 +241,7 @@ class ClusterBackend(Backend):
                 with self._cond:
                     while not self._ready():
                         self._cond.wait()
-                    if self._cancel or not (self._pending or self._running or self._fetching):
+                    if self._cancel or not (self._pending or self._running or self._delivering):
                         break
                     batch = self._take()
                 for call in batch:
@@ -271,7 +271,7 @@ class ClusterBackend(Backend):
             return True
         if self._pending and len(self._running) < self.workers:
             return True
-        return self._closing and not (self._pending or self._running or self._fetching)
+        return self._closing and not (self._pending or self._running or self._delivering)
 
     def _shutdown(self) -> None:
         with self._cond:
