@@ -339,3 +339,117 @@ async def test_one_event_loop_recovers_its_pooled_connections(
         assert [await work(1) for _ in range(3)] == [1, 1, 1]
     assert len(calls) == 1 + 3 + 1
     assert len(caplog.records) == 1
+
+
+# --- what the cache shares with the Redis rate limiter (opero._redis) ---------------------------
+
+
+def test_the_cache_and_the_rate_limit_share_one_pool_per_url(
+    own_server: OwnServer, mode: Mode
+) -> None:
+    def work(x: int) -> int:
+        return x
+
+    cached = opero(cache=True, cache_backend=own_server.url, cache_namespace="shared")(
+        mode.fn(work)
+    )
+    limited = opero(rate_limit=1000, rate_limit_backend=own_server.url, rate_limit_key="shared")(
+        mode.fn(work)
+    )
+    before = _connections_received(own_server)
+    if mode.is_async:
+
+        async def both() -> None:
+            for x in range(5):
+                await cached(x)
+                await limited(x)
+
+        asyncio.run(both())
+    else:
+        for x in range(5):
+            cached(x)
+            limited(x)
+    # one for the shared pool (of this process, or of this event loop), one for the counting client
+    assert _connections_received(own_server) - before == 2
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:{port}/0?password=hunter2pw",
+        "redis://127.0.0.1:{port}/0?db=0&password=hunter2pw&client_name=x",
+        "redis://user:hunter2pw@127.0.0.1:{port}/0",
+        "unix:///nonexistent/opero-{port}.sock?password=hunter2pw",
+    ],
+)
+def test_no_password_in_warnings_or_errors(
+    url: str, mode: Mode, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = url.format(port=free_port())  # nothing listens there
+    options: dict[str, Any] = {"cache": True, "cache_backend": url, "cache_namespace": "pw"}
+    # Two functions on one store: the second fails fast on the back-off, whose message has the URL.
+    first = opero(**options)(mode.fn(lambda x: x))
+    second = opero(**options)(mode.fn(lambda x: -x))
+    messages: list[str] = []
+    try:
+        with caplog.at_level(logging.DEBUG, logger="opero"):
+            assert (mode.run(first, 1), mode.run(second, 1)) == (1, -1)
+        for _ in range(2):  # a real attempt, then one refused by the back-off
+            with pytest.raises(ConnectionError) as info:
+                clear_cache("pw", url)
+            messages.append(str(info.value))
+        messages.append(repr(first.opero_chain.cache.backend))  # type: ignore[attr-defined]
+    finally:
+        redis_backend._stores.pop(url, None)
+    assert any("failed recently" in m for m in messages)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 2
+    assert "hunter2pw" not in caplog.text + "\n".join(messages)
+    assert "***" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://127.0.0.1:6379/abc", "database 'abc' is not a number"),
+        ("redis://127.0.0.1:6379/0?db=x", "database 'x' is not a number"),
+        ("redis://", "no host"),
+        ("redis://:6379/0", "no host"),
+        ("redis://localhost:99999/0", "port must be a number from 1 to 65535"),
+        ("redis://localhost:0/0", "port must be a number from 1 to 65535"),
+        ("redis://localhost:63x9/0", "port must be a number from 1 to 65535"),
+        ("unix://", "socket's path"),
+        ("http://:hunter2pw@127.0.0.1:6379/0", "scheme must be one of"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=soon", "socket_timeout"),
+        ("redis://:hunter2pw@127.0.0.1:6379/x?password=hunter2pw", "not a number"),
+    ],
+)
+def test_a_malformed_url_fails_when_decorating_naming_the_option(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match="cache_backend=") as info:
+        opero(cache=True, cache_backend=url)(lambda: 1)
+    assert problem in str(info.value)
+    assert "hunter2pw" not in str(info.value)
+
+
+def test_a_malformed_url_in_the_environment_names_the_option_and_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPERO_REDIS_URL", "redis://:hunter2pw@127.0.0.1:6379/abc")
+    with pytest.raises(ValueError, match="cache_backend='redis' with OPERO_REDIS_URL=") as info:
+        opero(cache=True, cache_backend="redis")(lambda: 1)
+    assert "hunter2pw" not in str(info.value)
+    assert "not a number" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/2",
+        "redis://127.0.0.1:6379",
+        "redis://127.0.0.1:6379/",
+        "rediss://user:pw@cache.example:6380/15?socket_timeout=3",
+        "redis://[::1]:6379/0",
+        "unix:///run/redis/redis.sock?db=3&password=pw",
+    ],
+)
+def test_well_formed_urls_are_accepted(url: str) -> None:
+    assert resolve_url(url) == url

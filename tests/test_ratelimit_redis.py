@@ -22,8 +22,7 @@ from typing import Any
 import pytest
 import redis
 
-import opero.limiters.redis as redis_limiter
-from opero import opero
+from opero import _redis, opero
 from opero.errors import MissingExtraError, OperoError, RateLimitUnavailableError
 from opero.limiters import default_key
 from opero.limiters.redis import KEY_PREFIX, RedisRateLimiter
@@ -243,7 +242,7 @@ async def test_tasks_on_one_loop_share_the_limit_through_the_asyncio_client(
     def no_sync_client(url: str) -> redis.Redis:
         raise AssertionError("an async function must not use the blocking client")
 
-    monkeypatch.setattr(redis_limiter, "_client", no_sync_client)
+    monkeypatch.setattr(_redis, "sync_client", no_sync_client)
     rate, seconds, tasks = 20, 1.0, 12
     starts: list[float] = []
 
@@ -417,3 +416,108 @@ def test_the_shared_limit_resumes_when_redis_is_back(
     records = _opero_records(caplog)
     assert [r.levelname for r in records] == ["WARNING", "INFO"]
     assert "reachable again" in records[1].getMessage()
+
+
+# ---------------------------------------------------------------------------------------------
+# URLs: checked when decorating, never shown with a password
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://127.0.0.1:6379/abc", "database 'abc' is not a number"),
+        ("redis://", "no host"),
+        ("redis://localhost:99999/0", "port must be a number from 1 to 65535"),
+        ("ftp://:hunter2pw@127.0.0.1:6379/0", "scheme must be one of"),
+        ("unix:///run/redis.sock?db=two&password=hunter2pw", "database 'two' is not a number"),
+        ("redis://127.0.0.1:6379/0?socket_connect_timeout=x", "socket_connect_timeout"),
+    ],
+)
+def test_a_malformed_url_fails_when_decorating_naming_the_option(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match="rate_limit_backend=") as info:
+        opero(rate_limit=1, rate_limit_backend=url)(f)
+    assert problem in str(info.value)
+    assert "hunter2pw" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:{port}/0?password=hunter2pw",
+        "redis://:hunter2pw@127.0.0.1:{port}/0?client_name=a@b",
+        "unix:///nonexistent/opero-{port}.sock?password=hunter2pw",
+    ],
+)
+def test_no_password_in_the_warning_or_the_error(
+    url: str, mode: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = url.format(port=_free_port())  # nothing listens there
+    local = opero(rate_limit=10, rate_limit_backend=url, rate_limit_key="pw")(mode.fn(f))
+    strict = opero(rate_limit=10, rate_limit_backend=url, rate_limit_on_error="raise")(mode.fn(f))
+    with fake_time(), caplog.at_level(logging.INFO, logger="opero"):
+        mode.run(local)
+        with pytest.raises(RateLimitUnavailableError) as info:
+            mode.run(strict)
+    assert len([r for r in _opero_records(caplog) if r.levelno == logging.WARNING]) == 1
+    shown = caplog.text + str(info.value) + repr(local.opero_chain.limiter)
+    assert "hunter2pw" not in shown
+    assert "***" in shown
+
+
+# ---------------------------------------------------------------------------------------------
+# a stored slot far ahead of Redis's clock
+
+
+def _redis_now_us(server: redis.Redis) -> int:
+    seconds, micros = server.time()
+    return int(seconds) * 1_000_000 + int(micros)
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+async def test_a_slot_far_ahead_of_redis_time_is_reset_with_one_warning(
+    server: redis.Redis, key: str, is_async: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What a writer with a clock an hour ahead leaves behind, or a failover to a server an hour
+    # behind: without the check every caller would sleep an hour.
+    server.set(KEY_PREFIX + key, _redis_now_us(server) + 3600 * 1_000_000)
+    limiter = RedisRateLimiter(2, REDIS_URL, key)
+
+    async def reserve() -> float:
+        return await limiter.areserve(0.0) if is_async else limiter.reserve(0.0)
+
+    with caplog.at_level(logging.INFO, logger="opero"):
+        waits = [await reserve() for _ in range(3)]
+    assert waits[0] == 0.0
+    assert 0.0 < waits[1] <= 0.5 < waits[2] <= 1.0  # the queue starts afresh, one interval apart
+    records = _opero_records(caplog)
+    assert [r.levelname for r in records] == ["WARNING"]
+    message = records[0].getMessage()
+    assert "3600 s ahead" in message
+    assert "reset" in message
+    assert 0 < server.pttl(KEY_PREFIX + key) <= 1500  # the stale hour is gone from Redis too
+
+
+@pytest.mark.parametrize(
+    ("rate", "ahead"),
+    [
+        (1, 59.0),  # a queue under a minute is always believable
+        (100, 59.0),  # 1000 intervals of 0.01 s are only 10 s, but under a minute is kept
+        (0.01, 3600.0),  # 1000 intervals of 100 s: an hour is a believable queue of 36 callers
+    ],
+)
+def test_a_believable_queue_is_kept(
+    server: redis.Redis, key: str, rate: float, ahead: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.set(KEY_PREFIX + key, _redis_now_us(server) + int(ahead * 1_000_000))
+    with caplog.at_level(logging.WARNING, logger="opero"):
+        wait = RedisRateLimiter(rate, REDIS_URL, key).reserve(0.0)
+    assert ahead - 1 < wait <= ahead
+    assert _opero_records(caplog) == []
+
+
+def test_garbage_in_the_slot_key_counts_as_no_slot(server: redis.Redis, key: str) -> None:
+    for junk in (b"nan", b"soon", b"-1e300", b"1e300"):
+        server.set(KEY_PREFIX + key, junk)
+        # on_error="raise": a script error must not pass for a grant of the local fallback
+        assert RedisRateLimiter(1, REDIS_URL, key, "raise").reserve(0.0) == 0.0
+        server.delete(KEY_PREFIX + key)

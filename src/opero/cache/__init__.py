@@ -30,9 +30,10 @@ def get_backend(backend: object, cache_dir: str | os.PathLike[str] | None = None
     if cache_dir is not None:
         raise ValueError("cache_dir= applies only to cache_backend='disk'")
     if isinstance(backend, str):
-        from opero.cache.redis import is_redis_url, redis_cache, resolve_url  # noqa: PLC0415
+        from opero.cache.redis import redis_cache, resolve_url  # noqa: PLC0415
 
-        if backend == "redis" or is_redis_url(backend):
+        # Any "scheme://" goes to resolve_url, which names an unknown scheme without the password.
+        if backend == "redis" or "://" in backend:
             return redis_cache(resolve_url(backend))
         raise ValueError(
             f"cache_backend={backend!r} is not available: choose one of {', '.join(BACKENDS)}, "

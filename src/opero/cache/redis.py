@@ -3,35 +3,35 @@ functions, so an async function never blocks its event loop on Redis I/O.
 
 Entries are plain Redis strings under the opero key
 (``"{namespace}:{module}.{qualname}:{digest}"``), written with ``SET ... PX`` so Redis expires them
-itself. Connections are pooled per URL (sync) and per URL and event loop (async). A dead server
-costs at most one short timeout per back-off period: after a connection failure the backend
-refuses at once, without touching the network, for 1 s, doubling up to 30 s while the server stays
-down.
+itself. Connections are pooled per URL (sync) and per URL and event loop (async), shared with the
+Redis rate limiter (:mod:`opero._redis`). A dead server costs at most one short timeout per
+back-off period: after a connection failure the backend refuses at once, without touching the
+network, for 1 s, doubling up to 30 s while the server stays down.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
 import threading
-import weakref
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from opero import _redis
 from opero._clock import clock
-from opero.errors import MissingExtraError
+from opero._redis import CONNECT_TIMEOUT, DEFAULT_URL, SOCKET_TIMEOUT, is_redis_url, redact
 
 if TYPE_CHECKING:
     import redis as redis_py
-    import redis.asyncio as redis_asyncio
 
-__all__ = ["DEFAULT_URL", "RedisCache", "ServerUnavailable", "redis_cache", "resolve_url"]
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "DEFAULT_URL",
+    "SOCKET_TIMEOUT",
+    "RedisCache",
+    "ServerUnavailable",
+    "is_redis_url",
+    "redis_cache",
+    "resolve_url",
+]
 
-DEFAULT_URL = "redis://localhost:6379/0"
-
-# Timeouts (seconds) unless the URL sets its own (?socket_timeout=...&socket_connect_timeout=...).
-CONNECT_TIMEOUT = 0.5
-SOCKET_TIMEOUT = 1.0
 # Back-off after a connection failure before the server is tried again.
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 30.0
@@ -41,24 +41,10 @@ _stores: dict[str, RedisCache] = {}
 _stores_lock = threading.Lock()
 
 
-def _import_redis() -> Any:
-    try:
-        import redis  # noqa: PLC0415 - optional extra, imported on first use
-        import redis.asyncio  # noqa: PLC0415
-    except ImportError as exc:
-        raise MissingExtraError("cache_backend='redis'", "redis", exc.name or "redis") from exc
-    return redis
-
-
 def resolve_url(backend: str) -> str:
-    """``backend`` itself when it is a URL, else ``$OPERO_REDIS_URL``, else :data:`DEFAULT_URL`."""
-    if backend != "redis":
-        return backend
-    return os.environ.get("OPERO_REDIS_URL") or DEFAULT_URL
-
-
-def is_redis_url(backend: object) -> bool:
-    return isinstance(backend, str) and backend.startswith(("redis://", "rediss://", "unix://"))
+    """``backend`` itself when it is a URL, else ``$OPERO_REDIS_URL``, else :data:`DEFAULT_URL`;
+    ``ValueError`` naming ``cache_backend`` when the URL is malformed."""
+    return _redis.resolve_url(backend, "cache_backend")
 
 
 class ServerUnavailable(ConnectionError):
@@ -80,7 +66,7 @@ class _Breaker:
     def check(self, url: str) -> None:
         if self._until and clock.monotonic() < self._until:
             raise ServerUnavailable(
-                f"{_redact(url)} failed recently; next attempt in "
+                f"{redact(url)} failed recently; next attempt in "
                 f"{self._until - clock.monotonic():.1f}s"
             )
 
@@ -98,19 +84,12 @@ class RedisCache:
     """A :class:`~opero.CacheBackend` over one Redis URL."""
 
     def __init__(self, url: str) -> None:
-        self._redis = _import_redis()
+        self._redis = _redis.import_redis(f"cache_backend={redact(url)!r}")
         self.url = url
-        self._options: dict[str, Any] = {
-            "socket_connect_timeout": CONNECT_TIMEOUT,
-            "socket_timeout": SOCKET_TIMEOUT,
-            # No retries inside redis-py: the breaker decides when to try again, and a miss is
-            # cheaper than a caller stalled by a retry loop against a dead server.
-            "retry": None,
-        }
-        self.client: redis_py.Redis = self._redis.Redis.from_url(url, **self._options)
+        self.client: redis_py.Redis = _redis.sync_client(url)
         if self.client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError(
-                f"cache_backend={_redact(url)!r}: decode_responses must be off, cached values "
+                f"cache_backend={redact(url)!r}: decode_responses must be off, cached values "
                 "are bytes"
             )
         self._errors: tuple[type[BaseException], ...] = (
@@ -119,11 +98,6 @@ class RedisCache:
             OSError,
         )
         self._breaker = _Breaker()
-        # One asyncio client per event loop: asyncio connections belong to the loop that opened
-        # them. Each is closed when its loop shuts down (see _close_with_loop).
-        self._aclients: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[redis_asyncio.Redis, AsyncIterator[None]]
-        ] = weakref.WeakKeyDictionary()
 
     # --- sync ---------------------------------------------------------------------------------
 
@@ -167,19 +141,9 @@ class RedisCache:
 
     # --- async --------------------------------------------------------------------------------
 
-    async def _aclient(self) -> redis_asyncio.Redis:
-        loop = asyncio.get_running_loop()
-        entry = self._aclients.get(loop)
-        if entry is None:
-            client = self._redis.asyncio.Redis.from_url(self.url, **self._options)
-            closer = _close_with_loop(client, self._aclients, loop)
-            await closer.__anext__()
-            entry = self._aclients[loop] = (client, closer)
-        return entry[0]
-
     async def _arun(self, method: str, *args: Any, **kwargs: Any) -> Any:
         self._breaker.check(self.url)
-        client = await self._aclient()
+        client = await _redis.async_client(self.url)
         try:
             result = await getattr(client, method)(*args, **kwargs)
         except self._errors:
@@ -200,7 +164,7 @@ class RedisCache:
 
     async def aclear(self, prefix: str) -> int:
         self._breaker.check(self.url)
-        client = await self._aclient()
+        client = await _redis.async_client(self.url)
         removed = 0
         batch: list[bytes] = []
         try:
@@ -217,29 +181,8 @@ class RedisCache:
         self._breaker.succeeded()
         return removed
 
-    def close(self) -> None:
-        """Close the sync client's pooled connections (they reopen on next use)."""
-        self.client.close()
-
     def __repr__(self) -> str:
-        return f"RedisCache({_redact(self.url)!r})"
-
-
-async def _close_with_loop(
-    client: redis_asyncio.Redis,
-    registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any],
-    loop: asyncio.AbstractEventLoop,
-) -> AsyncIterator[None]:
-    # An async generator that is started and then left suspended: the loop finalises it in
-    # shutdown_asyncgens() (asyncio.run and asyncio.Runner call it before closing the loop), which
-    # is the one hook asyncio offers for "this loop is about to close".
-    try:
-        yield
-    finally:
-        registry.pop(loop, None)
-        # aclose() arrived in redis-py 5.0.1; close() is its older name
-        close = getattr(client, "aclose", None) or client.close
-        await close()
+        return f"RedisCache({redact(self.url)!r})"
 
 
 def _milliseconds(ttl: float | None) -> int | None:
@@ -252,16 +195,6 @@ def _glob(prefix: str) -> str:
     """A SCAN pattern matching keys that start with ``prefix`` literally."""
     special = "\\*?[]"
     return "".join("\\" + c if c in special else c for c in prefix) + "*"
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        creds, _, host = rest.rpartition("@")
-        user = creds.split(":", 1)[0]
-        rest = f"{user}:***@{host}" if ":" in creds else f"{user}@{host}"
-    return f"{scheme}{sep}{rest}"
 
 
 def redis_cache(url: str) -> RedisCache:

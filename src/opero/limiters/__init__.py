@@ -13,7 +13,6 @@ if TYPE_CHECKING:
 
 BACKENDS = ("local", "redis")
 ON_ERROR = ("local", "raise")
-_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def default_key(func: Callable[..., Any]) -> str:
@@ -64,7 +63,8 @@ def make_limiter(
                     "(it applies to a shared limit, e.g. rate_limit_backend='redis')"
                 )
         return RateLimiter(checked)
-    if isinstance(backend, str) and (backend == "redis" or backend.startswith(_URL_SCHEMES)):
+    # Any "scheme://" goes to resolve_url, which names an unknown scheme without the password.
+    if isinstance(backend, str) and (backend == "redis" or "://" in backend):
         from opero.limiters.redis import RedisRateLimiter, resolve_url  # noqa: PLC0415 - extra
 
         url = resolve_url(backend)

@@ -15,57 +15,62 @@ timeout now and then, not one per call.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import contextvars
 import hashlib
 import math
-import os
 import threading
-from collections.abc import AsyncGenerator
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING
 
+from opero import _redis
 from opero._log import logger
+from opero._redis import DEFAULT_URL, redact
 from opero.core.ratelimit import RateLimiter, check_rate
-from opero.errors import MissingExtraError, RateLimitUnavailableError
+from opero.errors import RateLimitUnavailableError
 
-try:
-    import redis
-    import redis.asyncio as aredis
-    from redis.asyncio.retry import Retry as AsyncRetry
-    from redis.backoff import NoBackoff
-    from redis.connection import parse_url
+if TYPE_CHECKING:
     from redis.exceptions import NoScriptError, RedisError
-    from redis.retry import Retry
-except ImportError as exc:  # pragma: no cover - exercised with redis hidden from sys.modules
-    raise MissingExtraError("rate_limit_backend='redis'", "redis", "redis") from exc
+else:
+    _exceptions = _redis.import_redis("rate_limit_backend='redis'").exceptions
+    NoScriptError, RedisError = _exceptions.NoScriptError, _exceptions.RedisError
 
-__all__ = ["DEFAULT_URL", "KEY_PREFIX", "RedisRateLimiter", "resolve_url"]
+__all__ = ["DEFAULT_URL", "KEY_PREFIX", "RedisRateLimiter", "redact", "resolve_url"]
 
-DEFAULT_URL = "redis://localhost:6379/0"
 # Not "opero:": clear_cache() of the default cache namespace removes every key under "opero:".
 KEY_PREFIX = "opero-ratelimit:"
 
-# Short on purpose: a limiter that waits seconds for a dead store delays every call it guards.
-# A ``?socket_timeout=`` / ``?socket_connect_timeout=`` in the URL overrides them (redis-py rule).
-CONNECT_TIMEOUT = 0.25
-SOCKET_TIMEOUT = 0.5
 # After a failure the connection is retried after FIRST_RETRY seconds, doubling up to MAX_RETRY.
+# (The connections' timeouts are opero._redis.CONNECT_TIMEOUT and SOCKET_TIMEOUT.)
 FIRST_RETRY = 0.5
 MAX_RETRY = 4.0
 
-# KEYS[1] the limit's key, ARGV[1] the interval between starts in microseconds. Returns the
-# microseconds until the caller's slot. TIME is Redis's clock, so hosts' clocks never matter;
-# string.format keeps the 16-digit microsecond count exact (tostring would round it to 14 digits).
+# How far ahead of Redis's clock a stored next slot may be before it is taken for a stale or
+# foreign value: each waiting caller pushes the slot one interval on, so a slot further ahead than
+# any plausible queue of callers was written against another clock (a failover to a server whose
+# clock is behind, a clock step back) or by something else. Without this check every caller would
+# sleep until that far-off slot, silently.
+MAX_LEAD = 60.0  # seconds
+MAX_LEAD_INTERVALS = 1000
+
+# KEYS[1] the limit's key, ARGV[1] the interval between starts in microseconds, ARGV[2] the largest
+# believable lead of the stored slot over now (µs). Returns the microseconds until the caller's slot
+# and, when the stored slot was not believable and was reset, how far ahead it was (else 0).
+# TIME is Redis's clock, so hosts' clocks never matter; string.format keeps the 16-digit
+# microsecond counts exact (tostring would round them to 14 digits). "x ~= x" is NaN ("nan"
+# passes tonumber).
 _SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local slot = tonumber(redis.call('GET', KEYS[1])) or now
+local slot = tonumber(redis.call('GET', KEYS[1]))
+if slot == nil or slot ~= slot then slot = now end
+local reset = 0
+if slot > now + tonumber(ARGV[2]) then
+  reset = slot - now
+  slot = now
+end
 if slot < now then slot = now end
 local free = slot + tonumber(ARGV[1])
 redis.call('SET', KEYS[1], string.format('%d', free), 'PX', math.ceil((free - now) / 1000))
-return slot - now
+return {string.format('%d', slot - now), string.format('%.0f', reset)}
 """
 _SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 
@@ -73,88 +78,7 @@ _SHA = hashlib.sha1(_SCRIPT.encode(), usedforsecurity=False).hexdigest()
 def resolve_url(backend: str) -> str:
     """The Redis URL for ``rate_limit_backend``: a URL as given, else ``OPERO_REDIS_URL``, else
     ``redis://localhost:6379/0``. Raises ``ValueError`` naming the option for a malformed URL."""
-    source, url = "rate_limit_backend", backend
-    if backend == "redis":
-        source, url = "OPERO_REDIS_URL", os.environ.get("OPERO_REDIS_URL") or DEFAULT_URL
-    try:
-        parse_url(url)  # type: ignore[no-untyped-call]
-    except ValueError as exc:
-        raise ValueError(f"{source}={redact(url)!r} is not a Redis URL: {exc}") from None
-    return url
-
-
-def redact(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
-
-
-# ---------------------------------------------------------------------------------------------
-# clients: one pooled client per URL per process (sync), and per URL per event loop (async,
-# because an asyncio connection belongs to the loop that opened it)
-
-_CLIENT_OPTIONS: dict[str, Any] = {
-    "socket_connect_timeout": CONNECT_TIMEOUT,
-    "socket_timeout": SOCKET_TIMEOUT,
-}
-_clients_lock = threading.Lock()
-_clients: dict[str, redis.Redis] = {}
-# A plain dict: each entry's connections refer to their loop, so weak keys would never be freed.
-_aclients: dict[
-    asyncio.AbstractEventLoop, tuple[dict[str, aredis.Redis], AsyncGenerator[None, None]]
-] = {}
-
-
-def _client(url: str) -> redis.Redis:
-    client = _clients.get(url)
-    if client is None:
-        with _clients_lock:
-            client = _clients.get(url)
-            if client is None:
-                # No redis-py retries: the limiter has its own back-off and must fail fast.
-                client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **_CLIENT_OPTIONS)
-                _clients[url] = client
-    return client
-
-
-async def _aclient(url: str) -> aredis.Redis:
-    loop = asyncio.get_running_loop()
-    entry = _aclients.get(loop)
-    if entry is None:
-        clients: dict[str, aredis.Redis] = {}
-        closer = _close_at_loop_shutdown(loop, clients)
-        # Started here, the generator is tracked by the loop, whose shutdown_asyncgens() (run by
-        # asyncio.run and every asyncio.Runner) finalises it: the clients are closed while their
-        # loop still runs, instead of warning "unclosed Connection" when collected later.
-        await closer.__anext__()
-        with _clients_lock:
-            # A loop closed without shutdown_asyncgens() never ran its closer: forget it here.
-            for old in [old for old in _aclients if old.is_closed()]:
-                del _aclients[old]
-            entry = _aclients[loop] = (clients, closer)
-    clients = entry[0]
-    client = clients.get(url)
-    if client is None:
-        client = aredis.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **_CLIENT_OPTIONS)
-        clients[url] = client
-    return client
-
-
-async def _close_at_loop_shutdown(
-    loop: asyncio.AbstractEventLoop, clients: dict[str, aredis.Redis]
-) -> AsyncGenerator[None, None]:
-    try:
-        yield
-    finally:
-        with _clients_lock:
-            _aclients.pop(loop, None)
-        for client in clients.values():
-            with contextlib.suppress(RedisError):
-                await client.aclose()
+    return _redis.resolve_url(backend, "rate_limit_backend")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +110,7 @@ class RedisRateLimiter:
         "_interval_us",
         "_local",
         "_lock",
+        "_max_lead_us",
         "_redis_key",
         "_retry_at",
         "key",
@@ -204,6 +129,7 @@ class RedisRateLimiter:
         self._redis_key = KEY_PREFIX + key
         # Rounded up, so rounding never lets the shared rate exceed ``rate``.
         self._interval_us = max(1, math.ceil(1_000_000 / self.rate))
+        self._max_lead_us = max(round(MAX_LEAD * 1e6), MAX_LEAD_INTERVALS * self._interval_us)
         self._local = RateLimiter(self.rate)
         self._lock = threading.Lock()
         self._retry_at: float | None = None  # set while Redis is unreachable
@@ -223,33 +149,47 @@ class RedisRateLimiter:
         """Claim the next shared start slot; return the seconds to wait until it (0 when free)."""
         if not self._may_try(now):
             return self._unavailable(now)
+        args = (1, self._redis_key, self._interval_us, self._max_lead_us)
         try:
-            client = _client(self.url)
+            client = _redis.sync_client(self.url)
             try:
-                wait_us = client.evalsha(_SHA, 1, self._redis_key, self._interval_us)
+                reply = client.evalsha(_SHA, *args)
             except NoScriptError:  # first use on this server, or after SCRIPT FLUSH / a restart
-                wait_us = client.eval(_SCRIPT, 1, self._redis_key, self._interval_us)
+                reply = client.eval(_SCRIPT, *args)
         except RedisError as exc:
             return self._failed(now, exc)
-        if self._retry_at is not None:
-            self._recovered()
-        return int(wait_us) / 1_000_000
+        return self._granted(reply)
 
     async def areserve(self, now: float) -> float:
         """:meth:`reserve` for async drivers, through redis-py's asyncio client."""
         if not self._may_try(now):
             return self._unavailable(now)
+        args = (1, self._redis_key, self._interval_us, self._max_lead_us)
         try:
-            client = await _aclient(self.url)
+            client = await _redis.async_client(self.url)
             try:
-                wait_us = await client.evalsha(_SHA, 1, self._redis_key, self._interval_us)
+                reply = await client.evalsha(_SHA, *args)
             except NoScriptError:
-                wait_us = await client.eval(_SCRIPT, 1, self._redis_key, self._interval_us)
+                reply = await client.eval(_SCRIPT, *args)
         except RedisError as exc:
             return self._failed(now, exc)
+        return self._granted(reply)
+
+    def _granted(self, reply: list[bytes]) -> float:
         if self._retry_at is not None:
             self._recovered()
-        return int(wait_us) / 1_000_000
+        wait_us, reset_us = int(reply[0]), int(reply[1])
+        if reset_us:
+            logger.warning(
+                "rate limit %r: the next free slot stored in Redis at %s was %.0f s ahead of "
+                "Redis's clock, more than any queue of callers explains (a clock change on a "
+                "failover, or another writer to %r?); it was reset so calls do not wait for it",
+                self.key,
+                redact(self.url),
+                reset_us / 1e6,
+                self._redis_key,
+            )
+        return wait_us / 1_000_000
 
     # -- while Redis is unreachable ------------------------------------------------------------
 
