@@ -5,7 +5,8 @@ runs atomically ("next free slot", the GCRA with a burst of one): the script rea
 clock, hands out the slot and moves the limit's next slot ``1 / rate`` seconds on. So however many
 processes on however many hosts share the key, starts are spaced evenly and no window of ``T``
 seconds holds more than ``rate * T + 1`` of them, whatever the hosts' clocks say. The key expires
-by itself once its slot is in the past.
+by itself once its slot is in the past. A stored slot further ahead than any queue of callers
+explains (written against another clock, or by something else) is reset, with one WARNING.
 
 When Redis cannot be reached, ``on_error="local"`` limits each process on its own (one WARNING per
 outage) and ``on_error="raise"`` raises :class:`~opero.errors.RateLimitUnavailableError`. Either way
