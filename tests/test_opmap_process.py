@@ -4,6 +4,7 @@ cache, and Ctrl-C leaving no child processes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +21,29 @@ from opero import OpmapError, WorkerCrashedError, opmap
 from opero.errors import RemoteError
 
 pytestmark = pytest.mark.timeout(60)
+
+
+class Records(logging.Handler):
+    """Collects the opero logger's records directly (whatever its propagation setting)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def opero_log() -> Any:
+    logger = logging.getLogger("opero")
+    handler, level = Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    yield handler.records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
 
 CRASH_MODES = [
     ("sync", "process"),
@@ -118,9 +142,14 @@ def test_an_unpicklable_exception_arrives_as_remote_error(kind: str, mode: str) 
     finally:
         f.close()
     err = info.value.errors[1]
-    assert isinstance(err, RemoteError)
-    assert err.type_name.endswith("Unpicklable")
-    assert err.message == "bad/1"
+    if mode == "pathos" and isinstance(err, Unpicklable):
+        # dill can rebuild some exceptions pickle cannot (depending on dill's settings, which
+        # other libraries change): then the original itself arrives, which is better still.
+        assert str(err) == "bad/1"
+    else:
+        assert isinstance(err, RemoteError)
+        assert err.type_name.endswith("Unpicklable")
+        assert err.message == "bad/1"
     assert info.value.results[0] == 0
     assert info.value.results[2] == 2
 
@@ -426,16 +455,15 @@ def flaky_once(item: int, folder: str) -> int:
 
 
 def test_retries_only_first_attempts_in_chunks_retries_in_the_caller(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, opero_log: list[logging.LogRecord]
 ) -> None:
     f = opmap(mode="process", workers=2, retries=2, min_delay=0.01, jitter=False)(flaky_once)
     try:
-        with caplog.at_level("WARNING", logger="opero"):
-            out = f(range(40), folder=str(tmp_path))  # sized input: sent in chunks of 5
+        out = f(range(40), folder=str(tmp_path))  # sized input: sent in chunks of 5
     finally:
         f.close()
     assert out == [i * 10 for i in range(40)]
-    retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    retried = [r.getMessage() for r in opero_log if "retrying" in r.getMessage()]
     assert len(retried) == 20  # once per odd item, logged by the caller
     assert all("attempt 1 of 3 failed with TimeoutError" in m for m in retried)
 
