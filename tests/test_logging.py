@@ -22,6 +22,7 @@ def restore_logger(monkeypatch):
     logger = logging.getLogger("opero")
     handlers, level = list(logger.handlers), logger.level
     monkeypatch.setattr(_log, "_handler", None)
+    monkeypatch.setattr(logger, "propagate", logger.propagate)  # configure_logging turns it off
     yield logger
     logger.handlers[:] = handlers
     logger.setLevel(level)
