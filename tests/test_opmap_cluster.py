@@ -325,6 +325,17 @@ def test_missing_engine_names_the_extra(
     assert info.value.extra == mode
 
 
+@pytest.mark.parametrize(("required", "outcome"), [("redis,ray", "fail"), ("redis", "skip")])
+def test_a_missing_engine_skips_unless_required(
+    monkeypatch: pytest.MonkeyPatch, required: str, outcome: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # type: ignore[arg-type]
+    monkeypatch.setenv("OPERO_TEST_REQUIRE", required)
+    expected = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
+    with pytest.raises(expected, match=r"opero\[ray\]"):
+        _require("ray", "ray")
+
+
 def test_ray_started_by_the_user_stays_up(ray_cluster: Any) -> None:
     f = opmap(mode="ray", workers=2)(slow_square)
     assert f(range(3)) == [0, 1, 4]
@@ -387,11 +398,9 @@ if __name__ == "__main__":
 """
 
 
-def test_ray_local_instance_started_by_opero_is_stopped_on_close(tmp_path: Path) -> None:
-    _require("ray", "ray")
-    script = tmp_path / "own_ray.py"
+def _run_ray_script(tmp_path: Path, env: dict[str, str]) -> str:
+    script = tmp_path / "ray_script.py"
     script.write_text(textwrap.dedent(_RAY_SCRIPT))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = subprocess.run(
         [sys.executable, str(script)],
         check=False,
@@ -402,8 +411,23 @@ def test_ray_local_instance_started_by_opero_is_stopped_on_close(tmp_path: Path)
     )
     assert out.returncode == 0, out.stderr
     assert "result [1, 2, 3, 4]" in out.stdout
-    assert "cpus 3.0" in out.stdout
     assert "connected after close False" in out.stdout
+    return out.stdout
+
+
+def test_ray_local_instance_started_by_opero_is_stopped_on_close(tmp_path: Path) -> None:
+    _require("ray", "ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    assert "cpus 3.0" in _run_ray_script(tmp_path, env)  # its own instance: num_cpus=workers
+
+
+def test_ray_address_connects_to_a_running_cluster_and_leaves_it_up(
+    ray_cluster: Any, tmp_path: Path
+) -> None:
+    address = ray_cluster.get_runtime_context().gcs_address
+    stdout = _run_ray_script(tmp_path, {**os.environ, "RAY_ADDRESS": address})
+    assert "cpus 2.0" in stdout  # the session's cluster, not a new one with 3 CPUs
+    assert ray_cluster.get(ray_cluster.put(7)) == 7  # its disconnect left the cluster up
 
 
 # -- dead workers ----------------------------------------------------------------------------------
@@ -459,6 +483,23 @@ def test_dask_worker_killed_from_outside(full_dask_client: Any) -> None:
     assert len(results) == 7
     for result in results:
         assert isinstance(result, tuple | WorkerCrashedError)
+    f.close()
+
+
+def test_dask_client_closed_mid_map_fails_the_items_without_hanging(
+    dask_cluster: Any,
+) -> None:
+    import distributed
+
+    client = distributed.Client(dask_cluster.scheduler_address, set_as_default=False)
+    f = opmap(mode="dask", cluster=client, workers=2, on_error="return")(span)
+    stream = f.stream([0.01] + [1.0] * 4)
+    assert isinstance(next(stream), tuple)
+    client.close()
+    rest = list(stream)
+    assert len(rest) == 4
+    for result in rest:
+        assert isinstance(result, Exception)  # WorkerCrashedError, or Dask's ClosedClientError
     f.close()
 
 
