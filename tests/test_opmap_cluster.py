@@ -358,13 +358,14 @@ def _worker_address(x: int) -> str:
     return str(distributed.get_worker().address)
 
 
-def test_dask_scheduler_address_from_option_and_environment(
+def test_dask_scheduler_address_from_option_cluster_object_and_environment(
     dask_client: Any, dask_cluster: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ours = set(dask_client.scheduler_info()["workers"])
-    f = opmap(mode="dask", cluster=dask_cluster.scheduler_address)(_worker_address)
-    assert set(f(range(4))) <= ours
-    f.close()
+    for cluster in (dask_cluster.scheduler_address, dask_cluster):
+        f = opmap(mode="dask", cluster=cluster)(_worker_address)
+        assert set(f(range(4))) <= ours
+        f.close()
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", dask_cluster.scheduler_address)
     g = opmap(mode="dask")(_worker_address)
     assert set(g(range(4))) <= ours
