@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime
+import fractions
 import functools
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+import zoneinfo
 
 import pytest
 
-from opero.core.cache import KeyBuilder
+from opero.core.cache import KeyBuilder, serialise_for_key
 from opero.errors import CacheKeyError, OperoError
 
 
@@ -250,3 +254,150 @@ def test_objects_with_state_outside_dict_and_slots_are_refused(value):
     # partial(h, 2) one key. Refusing points the user to cache_key= or __opero_key__().
     with pytest.raises(CacheKeyError, match="cache_key="):
         key(g, value)
+
+
+# --- bound methods, subclasses with attributes, cache_key=, big ints, time zones -----------------
+
+
+class Scaler:
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def scale(self, x: int) -> int:
+        return x * self.k
+
+    @classmethod
+    def unit(cls, x: int) -> int:
+        return x
+
+
+def test_bound_methods_as_arguments_key_on_their_instance() -> None:
+    assert key(g, Scaler(2).scale) != key(g, Scaler(100).scale)
+    assert key(g, Scaler(2).scale) == key(g, Scaler(2).scale)
+    assert key(g, {"a": 1}.get) != key(g, {"a": 2}.get)
+    assert key(g, [1].count) != key(g, [2].count)
+    assert key(g, Scaler.unit) == key(g, Scaler.unit)
+    assert key(g, _h) == key(g, _h)  # a plain function: by its name, as before
+    assert key(g, len) != key(g, _h)
+
+
+def test_a_bound_method_of_an_unkeyable_instance_names_the_parameter() -> None:
+    scaler = Scaler(2)
+    scaler.lock = threading.Lock()  # type: ignore[attr-defined]
+    with pytest.raises(CacheKeyError, match="'a'"):
+        key(g, scaler.scale)
+
+
+class Money(dict):  # type: ignore[type-arg]
+    pass
+
+
+class Tags(list):  # type: ignore[type-arg]
+    pass
+
+
+class Flags(frozenset):  # type: ignore[type-arg]
+    pass
+
+
+class Label(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("cls", "value"), [(Money, {"a": 1}), (Tags, [1]), (Flags, {1}), (Label, "x")]
+)
+def test_subclasses_of_builtin_types_key_on_their_attributes_too(cls: type, value: object) -> None:
+    eur, usd, plain = cls(value), cls(value), cls(value)
+    eur.currency = "EUR"
+    usd.currency = "USD"
+    assert key(g, eur) != key(g, usd)
+    assert key(g, eur) != key(g, plain)
+    assert key(g, plain) == key(g, cls(value))
+    twin = cls(value)
+    twin.currency = "EUR"
+    assert key(g, eur) == key(g, twin)
+
+
+@dataclasses.dataclass
+class Scaled:
+    x: int
+    factor: dataclasses.InitVar[int] = 1
+
+    def __post_init__(self, factor: int) -> None:
+        self.y = self.x * factor
+
+
+def test_a_dataclass_keys_on_its_non_field_attributes_too() -> None:
+    assert key(g, Scaled(3, 1)) != key(g, Scaled(3, 10))
+    assert key(g, Scaled(3, 10)) == key(g, Scaled(3, 10))
+    assert key(g, Point(1, 2)) == key(g, Point(1, 2))
+
+
+def with_defaults(q: object, key: object = "k", *rest: object, flag: bool = False) -> None:
+    pass
+
+
+def test_cache_key_receives_the_bound_arguments_with_defaults_applied() -> None:
+    seen: list[object] = []
+
+    def chosen(q: object, key: object, *rest: object, flag: bool) -> object:
+        seen.append((q, key, rest, flag))
+        return q
+
+    builder = KeyBuilder(with_defaults, "ns", chosen)
+    assert builder(("a",), {}) == builder(("a", "other"), {"flag": True})
+    builder((), {"q": "a"})
+    builder(("a", "k", 1, 2), {})
+    assert seen == [
+        ("a", "k", (), False),
+        ("a", "other", (), True),
+        ("a", "k", (), False),
+        ("a", "k", (1, 2), False),
+    ]
+    simple = KeyBuilder(g, "ns", lambda a, b: (a, b))  # plain parameters: the fast paths
+    assert simple((1,), {}) == simple((1, 2), {}) == simple((), {"a": 1}) != simple((1, 3), {})
+
+
+def test_integers_of_any_length_are_keyed() -> None:
+    big = 10**5000  # repr() refuses ints over 4300 digits
+    assert key(g, big) == key(g, 10**5000) != key(g, big + 1)
+    assert key(g, [big]) != key(g, [big + 1])
+    assert key(g, UserId(big)) != key(g, UserId(big + 1))
+    assert key(g, fractions.Fraction(big, 3)) != key(g, fractions.Fraction(big + 1, 3))
+    with pytest.raises(CacheKeyError, match="'a'"):
+        key(g, range(big))
+
+
+class Offset(datetime.tzinfo):
+    def __init__(self, hours: int) -> None:
+        self.hours = hours
+
+    def utcoffset(self, dt: datetime.datetime | None) -> datetime.timedelta:
+        return datetime.timedelta(hours=self.hours)
+
+
+class Opaque(datetime.tzinfo):
+    def __reduce__(self) -> str:
+        return "Opaque"  # state opero cannot see
+
+    def utcoffset(self, dt: datetime.datetime | None) -> datetime.timedelta:
+        return datetime.timedelta(0)
+
+
+def test_aware_datetimes_key_on_their_time_zone_never_an_address() -> None:
+    def at(tz: datetime.tzinfo) -> datetime.datetime:
+        return datetime.datetime(2024, 1, 15, 12, tzinfo=tz)
+
+    assert key(g, at(Offset(1))) == key(g, at(Offset(1))) != key(g, at(Offset(2)))
+    assert "0x" not in serialise_for_key(at(Offset(1)))
+    assert key(g, datetime.time(1, tzinfo=Offset(1))) == key(g, datetime.time(1, tzinfo=Offset(1)))
+    paris, lagos = zoneinfo.ZoneInfo("Europe/Paris"), zoneinfo.ZoneInfo("Africa/Lagos")
+    assert at(paris).utcoffset() == at(lagos).utcoffset()
+    assert key(g, at(paris)) != key(g, at(lagos))
+    assert key(g, at(paris)) == key(g, at(zoneinfo.ZoneInfo("Europe/Paris")))
+    utc = datetime.timezone.utc
+    assert key(g, at(utc)) != key(g, at(datetime.timezone(datetime.timedelta(0), "Z")))
+    assert key(g, at(utc)) != key(g, at(utc).replace(tzinfo=None))
+    with pytest.raises(CacheKeyError, match="Opaque"):
+        key(g, at(Opaque()))

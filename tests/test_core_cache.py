@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+import textwrap
 import threading
+from collections.abc import Callable
 from hashlib import blake2b
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from opero.core.cache import KeyBuilder, serialise_for_key
+from opero.core.cache import KeyBuilder, function_fingerprint, serialise_for_key
 from opero.errors import CacheKeyError
 
 
@@ -21,8 +26,10 @@ def simple(a: object, b: object = 2) -> None:
 
 def test_primitive_calls_hash_the_repr_of_their_values() -> None:
     keys = KeyBuilder(simple, "ns", None)
-    expected = keys.prefix + blake2b(repr((1, "x")).encode(), digest_size=20).hexdigest()
+    digest = blake2b(repr((1, "x")).encode(), digest_size=20).hexdigest()
+    expected = f"{keys.prefix}{keys.fingerprint}:{digest}"
     assert keys.prefix == f"ns:{__name__}.simple:"
+    assert len(keys.fingerprint) == 16
     assert keys((1, "x"), {}) == expected  # fast path
     assert keys((1,), {"b": "x"}) == expected  # bound path
     assert keys((), {"a": 1, "b": "x"}) == expected
@@ -32,7 +39,7 @@ def test_other_calls_hash_the_tagged_text_of_each_value() -> None:
     keys = KeyBuilder(sample, "ns", None)
     text = "\x1f".join(serialise_for_key(v) for v in (1, 2, (3,), {"k": 4}))
     assert keys((1, 2, 3), {"k": 4}) == (
-        keys.prefix + blake2b(text.encode(), digest_size=20).hexdigest()
+        f"{keys.prefix}{keys.fingerprint}:{blake2b(text.encode(), digest_size=20).hexdigest()}"
     )
 
 
@@ -115,3 +122,134 @@ def test_classmethods_and_builtin_methods_key_on_their_owner() -> None:
         (1,), {}
     )
     assert KeyBuilder(len, "ns", None)(([1],), {}) == KeyBuilder(len, "ns", None)(([1],), {})
+
+
+# --- function fingerprints: functions that share a name, and versions of one function ---------
+
+
+def key_of(func: object, *args: object, **kwargs: object) -> str:
+    return KeyBuilder(func, "ns", None)(args, kwargs)  # type: ignore[arg-type]
+
+
+def test_lambdas_sharing_a_name_get_their_own_keys() -> None:
+    inc, scale = (lambda x: x + 1), (lambda x: x * 100)  # one line: the same source text
+    assert KeyBuilder(inc, "ns", None).prefix == KeyBuilder(scale, "ns", None).prefix
+    assert key_of(inc, 5) != key_of(scale, 5)
+    assert key_of(inc, 5) == key_of(inc, 5)
+
+
+def make_adder(n: object) -> Callable[[int], object]:
+    def add(x: int) -> object:
+        return (x, n)
+
+    return add
+
+
+def test_closures_from_one_factory_key_on_the_values_they_close_over() -> None:
+    assert key_of(make_adder(1), 5) != key_of(make_adder(1000), 5)
+    assert key_of(make_adder(1), 5) == key_of(make_adder(1), 5)
+    assert key_of(make_adder({"a": 1, "b": 2}), 5) == key_of(make_adder({"b": 2, "a": 1}), 5)
+
+
+def load(tmp_path: Path, name: str, source: str) -> Any:
+    """The function ``f`` of module ``versioned``, loaded from file ``name`` holding ``source``."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(textwrap.dedent(source))
+    spec = importlib.util.spec_from_file_location("versioned", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.f
+
+
+VERSION = """
+    def option(**kwargs):
+        return lambda func: func
+
+    @option(ttl={ttl})
+    def f(x):
+        return x + {body}
+"""
+
+
+def test_editing_the_source_changes_the_fingerprint_but_decorator_options_do_not(
+    tmp_path: Path,
+) -> None:
+    first = load(tmp_path, "v1", VERSION.format(ttl=1, body=1))
+    edited = load(tmp_path, "v2", VERSION.format(ttl=1, body=2))
+    new_options = load(tmp_path, "v3", VERSION.format(ttl=60, body=1))
+    assert function_fingerprint(first) != function_fingerprint(edited)
+    assert function_fingerprint(first) == function_fingerprint(new_options)
+
+
+def generated(source: str) -> Any:
+    """A function ``f`` whose source Python cannot find, as in a REPL."""
+    namespace: dict[str, Any] = {}
+    exec(compile(textwrap.dedent(source), "<generated>", "exec"), namespace)
+    return namespace["f"]
+
+
+def test_without_source_the_code_object_is_fingerprinted() -> None:
+    one = "def f(x):\n    return [x + 1, {'k': (1, 2)}, ...]\n"
+    assert function_fingerprint(generated(one)) == function_fingerprint(generated(one))
+    assert function_fingerprint(generated(one)) != function_fingerprint(
+        generated(one.replace("1", "2"))
+    )
+    assert function_fingerprint(generated(one)) != function_fingerprint(
+        generated(one.replace("x + 1", "len(x)"))
+    )
+
+
+def make_wrapped(inner: Callable[[int], int]) -> Callable[[int], int]:
+    def outer(x: int) -> int:
+        return inner(x)
+
+    return outer
+
+
+def test_functions_in_a_closure_are_fingerprinted_in_turn() -> None:
+    assert key_of(make_wrapped(make_adder(1)), 5) != key_of(make_wrapped(make_adder(2)), 5)
+    assert key_of(make_wrapped(lambda x: x), 5) != key_of(make_wrapped(lambda x: -x), 5)
+
+    def countdown(n: int) -> int:
+        return 0 if n == 0 else countdown(n - 1)  # closes over itself
+
+    assert len(function_fingerprint(countdown)) == 16
+
+
+def make_locked() -> Callable[[int], int]:
+    lock = threading.Lock()
+
+    def locked(x: int) -> int:
+        with lock:
+            return x
+
+    return locked
+
+
+def test_a_closure_value_that_cannot_be_keyed_is_refused_when_decorating() -> None:
+    with pytest.raises(CacheKeyError, match=r"'lock'.*cache_key=.*module-level") as info:
+        KeyBuilder(make_locked(), "ns", None)
+    assert "make_locked.<locals>.locked" in str(info.value)
+    with pytest.raises(CacheKeyError, match=r"'lock' \(used through 'inner'\)"):
+        KeyBuilder(make_wrapped(make_locked()), "ns", None)
+    # cache_key= takes the key over: the lock is left out, the other values still count
+    chosen = KeyBuilder(make_locked(), "ns", lambda x: x)
+    assert chosen((1,), {}) == KeyBuilder(make_locked(), "ns", lambda x: x)((1,), {})
+
+
+def test_a_store_of_the_functions_own_needs_no_fingerprint() -> None:
+    keys = KeyBuilder(make_locked(), "ns", None, fingerprint=False)  # the memory cache
+    assert keys.fingerprint is None
+    digest = blake2b(repr((1,)).encode(), digest_size=20).hexdigest()
+    assert keys((1,), {}) == keys.prefix + digest
+
+
+def test_builtins_and_bound_methods_have_a_fingerprint() -> None:
+    assert KeyBuilder(len, "ns", None).fingerprint == KeyBuilder(len, "ns", None).fingerprint
+    assert (
+        KeyBuilder(Account("a").balance, "ns", None).fingerprint
+        == KeyBuilder(Account("b").balance, "ns", None).fingerprint
+        == function_fingerprint(Account.balance)
+    )

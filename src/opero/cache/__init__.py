@@ -71,7 +71,8 @@ def make_layer(
     """The cache layer of one decorated function."""
     del is_async  # every store serves both worlds; the engine picks the sync or async methods
     serializer_obj = get_serializer(serializer)
-    key = KeyBuilder(func, namespace, key_fn)
+    # The memory store is this function's own, so its keys need no function fingerprint.
+    key = KeyBuilder(func, namespace, key_fn, fingerprint=backend != "memory")
     if backend == "memory":
         if cache_dir is not None:
             raise ValueError("cache_dir= applies only to cache_backend='disk'")

@@ -1,13 +1,15 @@
 """Cache policy: stable keys, single flight, and the adapter that keeps a failing store harmless.
 
-Keys are ``"{namespace}:{module}.{qualname}:{digest}"`` where the digest is a BLAKE2b hash of a
-deterministic text form of the call's arguments, bound to the signature with defaults applied. The
-text form never uses ``hash()``, ``id()`` or the ``repr`` of arbitrary objects, so keys are the
-same in every process, machine and run.
+Keys are ``"{namespace}:{module}.{qualname}:{fingerprint}:{digest}"``. The fingerprint names this
+version of the function (its source text and the values it closes over, computed once when
+decorating); the digest is a BLAKE2b hash of a deterministic text form of the call's arguments,
+bound to the signature with defaults applied. The text form never uses ``hash()``, ``id()`` or the
+``repr`` of arbitrary objects, so keys are the same in every process, machine and run.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime
 import decimal
@@ -15,10 +17,11 @@ import enum
 import fractions
 import inspect
 import pathlib
+import textwrap
 import threading
 import types
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from hashlib import blake2b
 from typing import Any, Protocol, runtime_checkable
@@ -26,7 +29,16 @@ from typing import Any, Protocol, runtime_checkable
 from opero._log import logger
 from opero.errors import CacheKeyError
 
-__all__ = ["MISSING", "CacheBackend", "CacheLayer", "Flights", "KeyBuilder", "Serializer"]
+__all__ = [
+    "MISSING",
+    "CacheBackend",
+    "CacheLayer",
+    "Flights",
+    "KeyBuilder",
+    "Serializer",
+    "function_fingerprint",
+    "serialise_for_key",
+]
 
 MISSING: Any = type("MissingType", (), {"__repr__": lambda self: "MISSING"})()
 """Returned by a lookup that found nothing (``None`` is a legitimate cached value)."""
@@ -53,11 +65,23 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
 
 
+class _Fingerprinting(set[int]):
+    """The ``seen`` set while fingerprinting a function: functions, local classes and modules
+    that it closes over are read (source, closure) instead of refused as arguments would be."""
+
+    lenient = False  # cache_key= was given: closure values that cannot be keyed are left out
+
+
 def _encode(obj: Any, out: list[str], seen: set[int]) -> None:
     """Append a deterministic, type-tagged text form of ``obj`` to ``out``."""
     cls = type(obj)
     if cls in _PRIMITIVES:
-        out.append(repr(obj))
+        try:
+            out.append(repr(obj))
+        except ValueError:
+            # An int longer than sys.get_int_max_str_digits() (4300 by default) has no repr;
+            # hex has no limit, and no int's repr starts with "0x" or "-0x".
+            out.append(hex(obj))
         return
     if isinstance(obj, enum.Enum):
         out.append(f"E<{_qualname(cls)}>(")
@@ -65,21 +89,21 @@ def _encode(obj: Any, out: list[str], seen: set[int]) -> None:
         out.append(")")
         return
     if isinstance(obj, _REPR_TYPES):
-        out.append(f"{_qualname(cls)}:{obj!r}")
+        _encode_value(obj, cls, out, seen)
         return
     if isinstance(obj, int | float | str | bytes):
         # A subclass (class UserId(int)) keys on its value, read through the base type's repr:
-        # its own __repr__ may not show the value, and its (usually empty) __dict__ never does.
+        # its own __repr__ may not show the value. Attributes it was given join the key.
         base = next(b for b in (int, float, str, bytes) if isinstance(obj, b))
-        out.append(f"P<{_qualname(cls)}>:{base.__repr__(obj)}")
+        value = _int_text(obj) if isinstance(obj, int) else base.__repr__(obj)
+        out.append(f"P<{_qualname(cls)}>:{value}")
+        _encode_extra(obj, cls, (), out, seen)
         return
     if isinstance(obj, type):
-        _refuse_local(obj)
-        out.append(f"C<{_qualname(obj)}>")
+        out.append(f"C<{_class_name(obj, seen)}>")
         return
     if inspect.isroutine(obj):
-        _refuse_local(obj)
-        out.append(f"F<{_qualname(obj)}>")
+        _encode_routine(obj, out, seen)
         return
     marker = id(obj)
     if marker in seen:
@@ -91,10 +115,71 @@ def _encode(obj: Any, out: list[str], seen: set[int]) -> None:
         seen.discard(marker)
 
 
+def _int_text(value: int) -> str:
+    try:
+        return int.__repr__(value)
+    except ValueError:  # too many digits for repr(): see _encode
+        return hex(value)
+
+
+def _encode_value(obj: Any, cls: type, out: list[str], seen: set[int]) -> None:
+    """The stdlib value types of _REPR_TYPES: their repr, except where it can hold an address."""
+    if isinstance(obj, datetime.datetime | datetime.time) and obj.tzinfo is not None:
+        # repr() shows the tzinfo's repr, which for most tzinfo classes is an address.
+        tz = obj.tzinfo
+        out.append(f"{_qualname(cls)}:{obj.replace(tzinfo=None)!r}@")
+        if type(tz) is datetime.timezone:
+            out.append(repr(tz))
+        elif type(tz).__module__ == "zoneinfo" and isinstance(getattr(tz, "key", None), str):
+            out.append(f"Z<{tz.key}>")  # type: ignore[attr-defined]
+        else:
+            _encode(tz, out, seen)  # by the rules for any object: class and attributes
+        return
+    if isinstance(obj, fractions.Fraction):
+        out.append(f"{_qualname(cls)}:{_int_text(obj.numerator)}/{_int_text(obj.denominator)}")
+        return
+    try:
+        out.append(f"{_qualname(cls)}:{obj!r}")
+    except ValueError as exc:  # range(10**5000): an int too long for repr()
+        raise CacheKeyError(f"its {cls.__name__} value cannot be written out ({exc})") from None
+
+
+def _encode_routine(obj: Any, out: list[str], seen: set[int]) -> None:
+    owner = getattr(obj, "__self__", None)
+    if owner is not None and not isinstance(owner, types.ModuleType):
+        # A bound method computes with its instance: Scaler(2).scale and Scaler(100).scale, or
+        # d1.get and d2.get, must not share a key, so the instance joins it (by the usual rules).
+        module = getattr(obj, "__module__", None) or type(owner).__module__
+        out.append(f"M<{module}.{obj.__qualname__}>(")
+        func = getattr(obj, "__func__", None)
+        if isinstance(seen, _Fingerprinting) and isinstance(func, types.FunctionType):
+            _encode_function(func, out, seen)
+        _encode(owner, out, seen)
+        out.append(")")
+        return
+    if isinstance(seen, _Fingerprinting) and isinstance(obj, types.FunctionType):
+        _encode_function(obj, out, seen)
+        return
+    _refuse_local(obj)
+    out.append(f"F<{_qualname(obj)}>")
+
+
 def _refuse_local(obj: Any) -> None:
     name = getattr(obj, "__qualname__", "")
     if "<lambda>" in name or "<locals>" in name:
         raise CacheKeyError(f"{name} is a lambda or a local object with no stable name")
+
+
+def _class_name(cls: type, seen: set[int]) -> str:
+    """``module.qualname`` of a class; a class defined in a function has no stable name, so it
+    is refused, except in a closure, where its source text tells it apart."""
+    if "<locals>" not in cls.__qualname__ or not isinstance(seen, _Fingerprinting):
+        _refuse_local(cls)
+        return _qualname(cls)
+    source = _source_text(cls)
+    if source is None:
+        return _qualname(cls)  # no source and no stable name: as good as it gets
+    return f"{_qualname(cls)}#{blake2b(source.encode(), digest_size=8).hexdigest()}"
 
 
 def _encode_composite(obj: Any, cls: type, out: list[str], seen: set[int]) -> None:
@@ -104,6 +189,8 @@ def _encode_composite(obj: Any, cls: type, out: list[str], seen: set[int]) -> No
             _encode(item, out, seen)
             out.append(",")
         out.append("]")
+        if cls is not tuple and cls is not list:
+            _encode_extra(obj, cls, (), out, seen)
     elif isinstance(obj, Mapping):
         pairs = []
         for key, value in obj.items():
@@ -116,6 +203,8 @@ def _encode_composite(obj: Any, cls: type, out: list[str], seen: set[int]) -> No
         out.append(f"D<{_qualname(cls)}>{{")
         out.extend(f"{k}:{v}," for k, v in pairs)
         out.append("}")
+        if cls is not dict and isinstance(obj, dict):
+            _encode_extra(obj, cls, (), out, seen)
     elif isinstance(obj, set | frozenset):
         items = []
         for item in obj:
@@ -124,19 +213,63 @@ def _encode_composite(obj: Any, cls: type, out: list[str], seen: set[int]) -> No
             items.append("".join(part))
         items.sort()
         out.append(f"S<{_qualname(cls)}>{{{','.join(items)}}}")
+        if cls is not set and cls is not frozenset:
+            _encode_extra(obj, cls, (), out, seen)
     elif callable(getattr(obj, "__opero_key__", None)):
         out.append(f"K<{_qualname(cls)}>(")
         _encode(obj.__opero_key__(), out, seen)
         out.append(")")
     elif dataclasses.is_dataclass(obj):
         out.append(f"O<{_qualname(cls)}>(")
-        for field in dataclasses.fields(obj):
-            out.append(f"{field.name}=")
-            _encode(getattr(obj, field.name), out, seen)
+        fields = [field.name for field in dataclasses.fields(obj)]
+        for name in fields:
+            out.append(f"{name}=")
+            _encode(getattr(obj, name), out, seen)
             out.append(",")
         out.append(")")
+        # Attributes that are not fields (set in __post_init__ from an InitVar, say) are state
+        # like any other: they join the key.
+        _encode_extra(obj, cls, fields, out, seen)
     else:
         _encode_instance(obj, cls, out, seen)
+
+
+def _instance_state(obj: Any, cls: type) -> tuple[bool, dict[str, Any]]:
+    """Whether ``obj`` has a ``__dict__`` or slots, and the attributes found in them."""
+    attrs: dict[str, Any] = {}
+    visible = False
+    state = getattr(obj, "__dict__", None)
+    if isinstance(state, dict):
+        visible = True
+        attrs.update(state)
+    for klass in cls.__mro__:
+        slots = vars(klass).get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot in ("__dict__", "__weakref__"):
+                continue
+            visible = True
+            # A private slot (__x) is stored under its mangled name (_Class__x).
+            name = slot
+            if slot.startswith("__") and not slot.endswith("__"):
+                name = f"_{klass.__name__.lstrip('_')}{slot}"
+            if hasattr(obj, name):
+                attrs[slot] = getattr(obj, name)
+    return visible, attrs
+
+
+def _encode_extra(obj: Any, cls: type, skip: Iterable[str], out: list[str], seen: set[int]) -> None:
+    """Attributes of an instance beyond its value (a dict subclass given a ``currency``, a
+    dataclass's non-field attributes), appended when there are any."""
+    attrs = _instance_state(obj, cls)[1]
+    for name in skip:
+        attrs.pop(name, None)
+    if attrs:
+        out.append("+")
+        _encode(attrs, out, seen)
+
+
+# A base class whose __reduce__ pickles __dict__ and slots: it does not hide state elsewhere.
+_GENERIC_REDUCE = frozenset({datetime.tzinfo})
 
 
 def _encode_instance(obj: Any, cls: type, out: list[str], seen: set[int]) -> None:
@@ -147,32 +280,26 @@ def _encode_instance(obj: Any, cls: type, out: list[str], seen: set[int]) -> Non
     object whose state opero cannot see (no ``__dict__``, no slots: a C type; or a class that
     defines ``__reduce__``, whose state lives elsewhere) is refused.
     """
+    if isinstance(obj, types.ModuleType) and isinstance(seen, _Fingerprinting):
+        out.append(f"Mod<{obj.__name__}>")  # `import x` inside the enclosing function
+        return
     attrs: dict[str, Any] = {}
     visible = False
     # A class that pickles itself (functools.partial, deque, exceptions, ...) keeps state
     # outside __dict__ and slots: keying on those alone would give different values one key.
     pickles_itself = any(
-        "__reduce__" in vars(k) or "__reduce_ex__" in vars(k) for k in cls.__mro__[:-1]
+        "__reduce__" in vars(k) or "__reduce_ex__" in vars(k)
+        for k in cls.__mro__[:-1]
+        if k not in _GENERIC_REDUCE
     )
     if cls.__module__ != "builtins" and not pickles_itself:
-        state = getattr(obj, "__dict__", None)
-        if isinstance(state, dict):
-            visible = True
-            attrs.update(state)
-        for klass in cls.__mro__:
-            slots = getattr(klass, "__slots__", ())
-            for slot in (slots,) if isinstance(slots, str) else slots:
-                if slot not in ("__dict__", "__weakref__"):
-                    visible = True
-                    if hasattr(obj, slot):
-                        attrs[slot] = getattr(obj, slot)
+        visible, attrs = _instance_state(obj, cls)
     if not visible:
         raise CacheKeyError(
             f"a {cls.__qualname__} object has no value opero can serialise "
             "(define __opero_key__() on its class or pass cache_key=)"
         )
-    _refuse_local(cls)
-    out.append(f"O<{_qualname(cls)}>")
+    out.append(f"O<{_class_name(cls, seen)}>")
     _encode(attrs, out, seen)
 
 
@@ -183,12 +310,146 @@ def serialise_for_key(value: Any) -> str:
     return "".join(out)
 
 
+# --- function fingerprints ----------------------------------------------------------------------
+
+
+class _ClosureError(CacheKeyError):
+    """A closure value that cannot be keyed; ``path`` is its variable name, then the names of
+    the closure variables (functions) it was reached through, innermost first."""
+
+    def __init__(self, path: list[str], reason: str) -> None:
+        super().__init__(reason)
+        self.path = path
+        self.reason = reason
+
+
+def function_fingerprint(func: Callable[..., Any], *, lenient: bool = False) -> str:
+    """Sixteen hex digits that change when this version of ``func`` changes.
+
+    The text hashed is ``func``'s source (dedented, without its decorator lines, so changing
+    ``cache_ttl=`` keeps the entries) or, when Python cannot find the source (a REPL, ``exec``),
+    its code object; plus the value of every variable it closes over, by the key rules, with
+    functions among them fingerprinted in turn. A lambda adds its code object too: lambdas on
+    one line share their source text. Raises :class:`CacheKeyError` naming a closure variable
+    that cannot be keyed, unless ``lenient`` (``cache_key=`` given), which leaves it out.
+    """
+    target = getattr(func, "__func__", func)  # a bound method: its function
+    out: list[str] = []
+    if isinstance(target, types.FunctionType):
+        seen = _Fingerprinting()
+        seen.lenient = lenient
+        try:
+            _encode_function(target, out, seen)
+        except _ClosureError as exc:
+            name = target.__qualname__
+            variable, *outer = exc.path
+            via = f" (used through {' -> '.join(map(repr, reversed(outer)))})" if outer else ""
+            raise CacheKeyError(
+                f"cannot cache {name}: the variable {variable!r}{via} it uses from an enclosing "
+                f"function cannot be part of a cache key: {exc.reason}. Pass cache_key= "
+                "(closure values that cannot be keyed are then left out of the key), or make "
+                f"{name.rsplit('.', 1)[-1]} a module-level function that takes "
+                f"{variable!r} as an argument"
+            ) from None
+    else:
+        out.append(_source_text(target) or "")  # a builtin: nothing to read
+    return blake2b("".join(out).encode(), digest_size=8).hexdigest()
+
+
+def _encode_function(func: types.FunctionType, out: list[str], seen: set[int]) -> None:
+    wrapped = getattr(func, "__wrapped__", None)
+    if isinstance(wrapped, types.FunctionType) and hasattr(func, "opero_chain"):
+        func = wrapped  # another @opero function: it computes what it wraps
+    marker = id(func)
+    if marker in seen:
+        out.append(f"R<{_qualname(func)}>")  # a function that refers to itself
+        return
+    seen.add(marker)
+    try:
+        code = func.__code__
+        out.append(f"fn<{_qualname(func)}>(")
+        source = _source_text(code)
+        if source is None or code.co_name == "<lambda>":
+            _code_text(code, out)
+        if source is not None:
+            out.append(source)
+        for name, cell in zip(code.co_freevars, func.__closure__ or (), strict=True):
+            _encode_cell(name, cell, out, seen)
+        out.append(")")
+    finally:
+        seen.discard(marker)
+
+
+def _encode_cell(name: str, cell: types.CellType, out: list[str], seen: set[int]) -> None:
+    out.append(f"|{name}=")
+    try:
+        value = cell.cell_contents
+    except ValueError:  # not assigned yet, as a function decorated in its own def sees itself
+        out.append("<unset>")
+        return
+    part: list[str] = []
+    try:
+        _encode(value, part, seen)
+    except _ClosureError as exc:
+        if getattr(seen, "lenient", False):
+            out.append("<not keyed>")
+            return
+        raise _ClosureError([*exc.path, name], exc.reason) from None
+    except (CacheKeyError, RecursionError) as exc:
+        if getattr(seen, "lenient", False):
+            out.append("<not keyed>")
+            return
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise _ClosureError([name], reason) from None
+    out.extend(part)
+
+
+def _source_text(obj: Any) -> str | None:
+    try:
+        source = inspect.getsource(obj)
+    except Exception:  # no file, a stale line cache, an unparsable block: no source
+        return None
+    text = textwrap.dedent(source)
+    if text.startswith("@"):
+        # Decorator lines hold options (cache_ttl=, retries=): changing them keeps the entries.
+        try:
+            node = ast.parse(text).body[0]
+        except (SyntaxError, IndexError):
+            return text
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            text = "".join(text.splitlines(keepends=True)[node.lineno - 1 :])
+    return text
+
+
+def _code_text(code: types.CodeType, out: list[str]) -> None:
+    # Without source, the bytecode: it differs between Python versions, so entries do too.
+    out.append(f"co<{code.co_code.hex()}|{','.join(code.co_names)}|")
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _code_text(const, out)
+        else:
+            try:
+                _encode(const, out, set())
+            except CacheKeyError:
+                out.append(repr(const))  # Ellipsis
+        out.append(",")
+    out.append(">")
+
+
 class KeyBuilder:
     """Builds the cache key of one call of one function.
 
+    A key is ``prefix + fingerprint + ":" + digest``. ``prefix`` is
+    ``"{namespace}:{module}.{qualname}:"``, shared by every version of the function (so clearing
+    by it removes them all); ``fingerprint`` (:func:`function_fingerprint`, computed here, once)
+    tells apart functions that share a name (lambdas, closures from one factory, two scripts'
+    ``__main__.compute``) and versions of one function (an edited body). With
+    ``fingerprint=False`` (for a store only this function uses) the key is ``prefix + digest``.
+
     Arguments are bound to the signature with defaults applied, so ``f(1)``, ``f(1, 2)`` and
     ``f(a=1, b=2)`` share a key when ``b`` defaults to 2. When the call is already canonical (all
-    parameters passed positionally, nothing else) binding is skipped.
+    parameters passed positionally, nothing else) binding is skipped. ``cache_key=`` is called
+    with the bound arguments, defaults applied, and its result is keyed instead.
 
     The text that is hashed is ``repr()`` of the tuple of values when every value is a primitive
     (``int``, ``float``, ``str``, ``bytes``, ``bool``, ``None``: their repr is deterministic and
@@ -197,6 +458,7 @@ class KeyBuilder:
     """
 
     __slots__ = (
+        "_base",
         "_key_fn",
         "_memo",
         "_n_params",
@@ -207,11 +469,17 @@ class KeyBuilder:
         "_pairs",
         "_signature",
         "_tail",
+        "fingerprint",
         "prefix",
     )
 
     def __init__(
-        self, func: Callable[..., Any], namespace: str, key_fn: Callable[..., object] | None
+        self,
+        func: Callable[..., Any],
+        namespace: str,
+        key_fn: Callable[..., object] | None,
+        *,
+        fingerprint: bool = True,
     ) -> None:
         qualname = getattr(func, "__qualname__", None)
         if not isinstance(qualname, str):
@@ -222,6 +490,13 @@ class KeyBuilder:
                 "function (def) that makes this call instead"
             )
         self.prefix = f"{namespace}:{func.__module__}.{qualname}:"
+        # A store of this function's own (the memory cache) needs no fingerprint: no other
+        # function and no other version of this one can reach its entries.
+        self.fingerprint: str | None = None
+        self._base = self.prefix
+        if fingerprint:
+            self.fingerprint = function_fingerprint(func, lenient=key_fn is not None)
+            self._base = f"{self.prefix}{self.fingerprint}:"
         self._key_fn = key_fn
         # A bound method computes with its __self__, which its parameters do not show:
         # a.method and b.method must not share entries, so __self__ joins every key (the rule
@@ -259,16 +534,20 @@ class KeyBuilder:
             owner = _argument_text("self", self._owner)
             return self._hash(owner + "\x1e" + self._text(args, kwargs))
         if self._key_fn is not None:
-            return self._hash(_argument_text("cache_key", self._key_fn(*args, **kwargs)))
+            return self._hash(self._chosen_text(args, kwargs))
         if kwargs or not self._n_required <= len(args) <= self._n_params:
             args = self._bind(args, kwargs)
         elif len(args) < self._n_params:
             args = args + self._tail[len(args) - self._n_required :]
         # args now holds every parameter's value, in signature order
         if _PRIMITIVES.issuperset(map(type, args)):
-            text = repr(args)
-            key = self._memo.get(text)
-            return self._hash(text) if key is None else key
+            try:
+                text = repr(args)
+            except ValueError:  # an int too long for repr(): the tagged form writes it in hex
+                pass
+            else:
+                key = self._memo.get(text)
+                return self._hash(text) if key is None else key
         return self._hash(
             "\x1f".join([_argument_text(n, v) for n, v in zip(self._names, args, strict=True)])
         )
@@ -276,11 +555,27 @@ class KeyBuilder:
     def _text(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The text of the arguments that ``__call__`` hashes, without its shortcuts."""
         if self._key_fn is not None:
-            return _argument_text("cache_key", self._key_fn(*args, **kwargs))
+            return self._chosen_text(args, kwargs)
         values = self._bind(args, kwargs)
         if _PRIMITIVES.issuperset(map(type, values)):
-            return repr(values)
+            try:
+                return repr(values)
+            except ValueError:
+                pass
         return "\x1f".join([_argument_text(n, v) for n, v in zip(self._names, values, strict=True)])
+
+    def _chosen_text(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The text of what ``cache_key=`` returns, called with the bound arguments."""
+        assert self._key_fn is not None
+        if not kwargs and self._n_required <= len(args) <= self._n_params:
+            chosen = self._key_fn(*args, *self._tail[len(args) - self._n_required :])
+        elif self._pairs is not None:
+            chosen = self._key_fn(*self._bind(args, kwargs))
+        else:
+            bound = self._signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            chosen = self._key_fn(*bound.args, **bound.kwargs)
+        return _argument_text("cache_key", chosen)
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         """Every parameter's value in signature order, defaults applied."""
@@ -305,7 +600,7 @@ class KeyBuilder:
         key = memo.get(text)
         if key is not None:
             return key
-        key = self.prefix + blake2b(text.encode(), digest_size=20).hexdigest()
+        key = self._base + blake2b(text.encode(), digest_size=20).hexdigest()
         if len(text) <= _MEMO_TEXT:
             if len(memo) >= _MEMO_SIZE:
                 memo.clear()
