@@ -329,9 +329,10 @@ def function_fingerprint(func: Callable[..., Any], *, lenient: bool = False) -> 
     The text hashed is ``func``'s source (dedented, without its decorator lines, so changing
     ``cache_ttl=`` keeps the entries) or, when Python cannot find the source (a REPL, ``exec``),
     its code object; plus the value of every variable it closes over, by the key rules, with
-    functions among them fingerprinted in turn. A lambda adds its code object too: lambdas on
-    one line share their source text. Raises :class:`CacheKeyError` naming a closure variable
-    that cannot be keyed, unless ``lenient`` (``cache_key=`` given), which leaves it out.
+    functions among them fingerprinted in turn. A lambda whose source lines hold another lambda
+    adds its code object, since both have that source text. Raises :class:`CacheKeyError`
+    naming a closure variable that cannot be keyed, unless ``lenient`` (``cache_key=`` given),
+    which leaves it out.
     """
     target = getattr(func, "__func__", func)  # a bound method: its function
     out: list[str] = []
@@ -369,7 +370,8 @@ def _encode_function(func: types.FunctionType, out: list[str], seen: set[int]) -
         code = func.__code__
         out.append(f"fn<{_qualname(func)}>(")
         source = _source_text(code)
-        if source is None or code.co_name == "<lambda>":
+        # Lambdas on one line share their source text: then their code tells them apart.
+        if source is None or (code.co_name == "<lambda>" and source.count("lambda") > 1):
             _code_text(code, out)
         if source is not None:
             out.append(source)
