@@ -173,7 +173,7 @@ def test_public_api():
 
 def test_cache_hit_costs_no_token_and_no_attempt(mode):
     calls: list[object] = []
-    with fake_time() as t:
+    with fake_time(0.0) as t:
 
         def body(a: int) -> int:
             calls.append((a, t.now))

@@ -128,7 +128,7 @@ def test_limiter_rejects_impossible_rates(bad):
 
 def test_decorated_calls_wait_for_their_slot(mode):
     starts: list[float] = []
-    with fake_time() as t:
+    with fake_time(0.0) as t:
         f = opero(rate_limit=4)(mode.fn(lambda: starts.append(t.now)))
         for _ in range(5):
             mode.run(f)
@@ -139,7 +139,7 @@ def test_decorated_calls_wait_for_their_slot(mode):
 def test_every_retry_and_fallback_attempt_takes_a_token(mode):
     starts: list[float] = []
 
-    with fake_time() as t:
+    with fake_time(0.0) as t:
 
         def body(key: list[str]) -> None:
             starts.append(t.now)
@@ -154,7 +154,7 @@ def test_every_retry_and_fallback_attempt_takes_a_token(mode):
 
 
 def test_limit_is_per_decorated_function():
-    with fake_time() as t:
+    with fake_time(0.0) as t:
         f = opero(rate_limit=1)(lambda: None)
         g = opero(rate_limit=1)(lambda: None)
         f()
