@@ -55,7 +55,7 @@ aop_cache = opero(cache=True, cache_ttl=3600)(aplain)
 
 
 async def async_loop(fn: object, n: int) -> None:
-    for i in range(n):
+    for _ in range(n):
         await fn(1)  # type: ignore[operator]
 
 

@@ -1,4 +1,4 @@
-"""The README is the contract: every Python example in it runs as written, in a fresh interpreter."""
+"""The README is the contract: every Python example in it runs as written, in a new interpreter."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The one seam for time: every clock read and every sleep in opero goes through :data:`clock`.
 
-Tests (opero's and users') swap it for a fake with :func:`opero.testing.fake_time` so that backoff and
-rate limits run without real waiting.
+Tests (opero's and users') swap it for a fake with :func:`opero.testing.fake_time` so that
+backoff and rate limits run without real waiting.
 """
 
 from __future__ import annotations
