@@ -57,13 +57,27 @@ import multiprocessing.util  # noqa: F401 - see _close_all: its exit handler mus
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from opero.errors import MissingExtraError
 
-__all__ = ["Backend", "backend_class", "backend_names", "register_backend"]
+__all__ = ["Backend", "backend_class", "backend_names", "register_backend", "settle_future"]
+
+
+def settle_future(future: Future[Any], ok: bool, value: object) -> None:
+    """Complete ``future`` with a result (``ok``) or an exception, unless it is already done
+    (cancelled by the caller, or failed by a crash check that got there first)."""
+    if future.done():
+        return
+    # The caller may cancel between the check and the set: that outcome is simply not wanted.
+    with contextlib.suppress(InvalidStateError):
+        if ok:
+            future.set_result(value)
+        else:
+            assert isinstance(value, BaseException)
+            future.set_exception(value)
 
 
 class Backend(abc.ABC):

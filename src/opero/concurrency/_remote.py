@@ -21,13 +21,13 @@ import asyncio
 import inspect
 import pickle
 import threading
-import traceback
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from typing import Any, ClassVar
 
-from opero.concurrency import Backend
+from opero.concurrency import Backend, settle_future
+from opero.concurrency._worker import portable_exception
 from opero.errors import RemoteError
 
 try:
@@ -64,7 +64,7 @@ def run(
         if inspect.iscoroutine(value):
             value = asyncio.run(value)
     except Exception as exc:
-        return fast_dumps((False, _portable(exc, dumps)), dumps)
+        return fast_dumps((False, portable_exception(exc, dumps)), dumps)
     try:
         return fast_dumps((True, value), dumps)
     except Exception as exc:
@@ -79,20 +79,6 @@ def decode(data: bytes) -> tuple[bool, Any]:
     except Exception as exc:
         return False, RemoteError(type(exc).__qualname__, f"cannot unpickle the outcome: {exc}")
     return bool(ok), value
-
-
-def _portable(exc: BaseException, dumps: Callable[[object], bytes]) -> BaseException:
-    try:
-        pickle.loads(dumps(exc))
-    except Exception:
-        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        try:
-            message = str(exc)
-        except Exception:
-            message = "<str() failed>"
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return RemoteError(name, message, tb)
-    return exc
 
 
 class _Call:
@@ -214,7 +200,7 @@ class ClusterBackend(Backend):
     def _deliver(self, call: _Call, ok: bool, value: object) -> None:
         """Complete the future of a call that :meth:`_freed` released."""
         try:
-            _settle(call.future, ok, value)
+            settle_future(call.future, ok, value)
         finally:
             with self._cond:
                 self._delivering -= 1
@@ -280,20 +266,10 @@ class ClusterBackend(Backend):
             running, self._running = list(self._running), set()
         for call in pending:
             if not call.future.cancel():
-                _settle(call.future, False, CancelledError())
+                settle_future(call.future, False, CancelledError())
         if running:
             try:
                 self._abort(running)
             finally:
                 for call in running:
-                    _settle(call.future, False, CancelledError())
-
-
-def _settle(future: Future[Any], ok: bool, value: object) -> None:
-    if future.done():
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        assert isinstance(value, BaseException)
-        future.set_exception(value)
+                    settle_future(call.future, False, CancelledError())

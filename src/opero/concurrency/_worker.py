@@ -31,10 +31,13 @@ from opero.errors import RemoteError
 ID = struct.Struct("!Q")
 
 
-def portable_exception(exc: BaseException) -> BaseException:
-    """``exc`` itself when it survives pickling, else a RemoteError naming its type and message."""
+def portable_exception(
+    exc: BaseException, dumps: Callable[[object], bytes] = cloudpickle.dumps
+) -> BaseException:
+    """``exc`` itself when it survives pickling (with ``dumps``), else a RemoteError naming its
+    type and message."""
     try:
-        pickle.loads(cloudpickle.dumps(exc))
+        pickle.loads(dumps(exc))
     except Exception:
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
         try:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import cloudpickle
 
-from opero.concurrency import Backend, _worker
+from opero.concurrency import Backend, _worker, settle_future
 from opero.errors import RemoteError, WorkerCrashedError
 
 _CALL = struct.Struct("!QQ")
@@ -270,7 +270,7 @@ class ProcessBackend(Backend):
                 ok = False
             else:
                 ok = data[8:9] == b"1"
-            _settle(task.future, ok, value)
+            settle_future(task.future, ok, value)
 
     def _bury(self, w: _Worker) -> None:
         self._receive(w)  # outcomes sent before it died are not lost
@@ -287,7 +287,7 @@ class ProcessBackend(Backend):
         with self._lock:
             self._pending.extendleft(reversed(requeue))
         for task in crashed:
-            _settle(
+            settle_future(
                 task.future,
                 False,
                 WorkerCrashedError(
@@ -302,7 +302,7 @@ class ProcessBackend(Backend):
             pending, self._pending = list(self._pending), deque()
         for task in pending:
             if not task.future.cancel():
-                _settle(task.future, False, CancelledError())
+                settle_future(task.future, False, CancelledError())
         for w in self._workers:
             if self._cancel:
                 w.proc.terminate()
@@ -315,7 +315,7 @@ class ProcessBackend(Backend):
                 w.proc.kill()
                 w.proc.join()
             for task in w.tasks.values():
-                _settle(task.future, False, CancelledError())
+                settle_future(task.future, False, CancelledError())
             w.conn.close()
         self._workers = []
         self._release()
@@ -341,13 +341,3 @@ class AsyncProcessBackend(ProcessBackend):
     concurrent_calls = True
     accepts_sync = False
     batching = False
-
-
-def _settle(future: Future[Any], ok: bool, value: object) -> None:
-    if future.done():
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        assert isinstance(value, BaseException)
-        future.set_exception(value)
