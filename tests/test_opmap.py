@@ -246,7 +246,7 @@ def test_pool_is_reused_and_close_releases_it(case: Any) -> None:
 # -- rules that do not depend on the backend ----------------------------------------------------
 
 
-@pytest.mark.parametrize("items", ["abc", b"abc", 42, None])
+@pytest.mark.parametrize("items", ["abc", b"abc", bytearray(b"abc"), memoryview(b"abc"), 42, None])
 def test_items_must_be_a_real_iterable(items: object) -> None:
     f = opmap()(echo)
     with pytest.raises(TypeError, match="iterable"):

@@ -313,7 +313,7 @@ class _Base(Generic[T, R]):
         return dataclasses.replace(self._chain, call=call, limiter=limiter)
 
     def _start(self, items: object, streaming: bool) -> _Run:
-        if isinstance(items, str | bytes | bytearray):
+        if isinstance(items, str | bytes | bytearray | memoryview):
             raise TypeError(
                 f"{self._chain.name} maps over an iterable of items, got a "
                 f"{type(items).__name__}: wrap it in a list to map over one item"
