@@ -300,6 +300,31 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch, mode: str, modu
         backend_class(mode)
 
 
+@pytest.mark.parametrize("module", ["pathos", "dill", "multiprocess", "ppft"])
+def test_pathos_missing_any_of_its_modules_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, module: str
+) -> None:
+    # Missing dill used to escape as a bare ModuleNotFoundError: pathos was the only name known.
+    import sys
+
+    before = set(sys.modules)
+    for name in [n for n in sys.modules if n == module or n.startswith(module + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, module, None)
+    # Fresh imports of pathos and opero's backend, so they reach the blocked module again.
+    for name in [n for n in sys.modules if n.startswith("pathos.") and n != module]:
+        monkeypatch.delitem(sys.modules, name)
+    if module != "pathos":
+        monkeypatch.delitem(sys.modules, "pathos", raising=False)
+    monkeypatch.delitem(sys.modules, "opero.concurrency.pathos", raising=False)
+    try:
+        with pytest.raises(MissingExtraError, match=rf"'{module}': pip install 'opero\[pathos\]'"):
+            backend_class("pathos")
+    finally:
+        for name in set(sys.modules) - before:  # half-imported modules of the failed attempt
+            del sys.modules[name]
+
+
 def test_keyword_arguments_go_to_every_call_with_fallback() -> None:
     seen = []
 

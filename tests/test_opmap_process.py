@@ -114,6 +114,43 @@ def test_a_dead_worker_fails_its_item_and_the_map_completes(
         f.close()
 
 
+def die_on_two(item: int) -> int:
+    if item == 2:
+        os._exit(1)
+    time.sleep(0.5 if item == 0 else 0.02)
+    return item
+
+
+@pytest.mark.timeout(30)
+def test_pathos_a_dead_worker_fails_only_the_item_it_was_running() -> None:
+    # pathos used to receive every item at once, and a death failed all of them, started or not.
+    f = opmap(mode="pathos", workers=2, on_error="return")(die_on_two)
+    try:
+        out = f(range(20))
+        failed = {i for i, v in enumerate(out) if isinstance(v, WorkerCrashedError)}
+        assert failed == {2}
+        # Item 0 was running on the other worker when 2 died: it finishes instead of failing.
+        assert [v for i, v in enumerate(out) if i != 2] == [i for i in range(20) if i != 2]
+    finally:
+        f.close()
+
+
+@pytest.mark.timeout(30)
+def test_pathos_a_call_cancelled_while_queued_never_runs(tmp_path: Path) -> None:
+    from opero.concurrency.pathos import PathosBackend
+
+    backend = PathosBackend(1)
+    try:
+        first = backend.submit(time.sleep, (0.3,), {})
+        queued = backend.submit(Path.touch, (tmp_path / "ran",), {})
+        assert queued.cancel()
+        first.result(timeout=20)
+        assert backend.submit(abs, (-3,), {}).result(timeout=20) == 3
+        assert not (tmp_path / "ran").exists()
+    finally:
+        backend.close()
+
+
 @pytest.mark.parametrize(("kind", "mode"), CRASH_MODES, ids=[m for _, m in CRASH_MODES])
 def test_a_crash_is_retried_when_retry_on_covers_it(kind: str, mode: str, tmp_path: Path) -> None:
     f = opmap(mode=mode, workers=2, retries=2, min_delay=0.01, retry_on=WorkerCrashedError)(

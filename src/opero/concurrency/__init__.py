@@ -117,7 +117,7 @@ class Backend(abc.ABC):
 class _Entry:
     target: str  # "package.module:ClassName"
     extra: str | None  # the pip extra that provides the dependency
-    requires: str | None  # the top-level module the extra installs
+    requires: str | tuple[str, ...] | None  # the top-level module(s) the extra installs
 
 
 _BUILTIN: dict[str, _Entry] = {
@@ -127,7 +127,11 @@ _BUILTIN: dict[str, _Entry] = {
     "async_process": _Entry(
         "opero.concurrency.process:AsyncProcessBackend", "process", "cloudpickle"
     ),
-    "pathos": _Entry("opero.concurrency.pathos:PathosBackend", "pathos", "pathos"),
+    "pathos": _Entry(
+        "opero.concurrency.pathos:PathosBackend",
+        "pathos",
+        ("pathos", "dill", "multiprocess", "ppft", "pox"),
+    ),
     "aiomultiprocess": _Entry(
         "opero.concurrency.aiomp:AioMultiprocessBackend", "aiomultiprocess", "aiomultiprocess"
     ),
@@ -138,11 +142,16 @@ _registry: dict[str, _Entry] = dict(_BUILTIN)
 
 
 def register_backend(
-    name: str, target: str, *, extra: str | None = None, requires: str | None = None
+    name: str,
+    target: str,
+    *,
+    extra: str | None = None,
+    requires: str | tuple[str, ...] | None = None,
 ) -> None:
     """Make ``mode=name`` use the :class:`Backend` subclass at ``target`` ("module:Class").
 
-    ``requires`` is the module whose absence means ``pip install opero[extra]`` is needed.
+    ``requires`` is the module (or modules) whose absence means ``pip install opero[extra]`` is
+    needed.
     """
     _registry[name] = _Entry(target, extra, requires)
 
@@ -163,7 +172,8 @@ def backend_class(mode: str) -> type[Backend]:
         if entry.extra is None or exc.name is None:
             raise
         missing = exc.name.partition(".")[0]
-        if entry.requires is not None and missing != entry.requires.partition(".")[0]:
+        requires = (entry.requires,) if isinstance(entry.requires, str) else entry.requires
+        if requires is not None and missing not in {r.partition(".")[0] for r in requires}:
             raise
         raise MissingExtraError(f"@opmap(mode={mode!r})", entry.extra, missing) from exc
     cls = getattr(module, class_name)

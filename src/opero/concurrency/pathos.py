@@ -3,34 +3,62 @@
 A pathos pool waits forever for a call whose worker died and for an outcome it cannot unpickle,
 and shares pools between instances through a global cache. So each backend gets a pool of its
 own (a unique pool id), outcomes travel as dill bytes that are decoded here (a failure becomes a
-RemoteError), and a watcher thread checks the worker processes: when one dies, the calls in
-flight on that pool fail with WorkerCrashedError (pathos does not say which call a worker ran,
-so every call running at that moment fails) and the pool is replaced.
+RemoteError), and a watcher thread checks the worker processes.
+
+Only ``workers`` calls are handed to pathos at a time; the rest wait here. Each call handed over
+gets a slot in a small shared array where the worker writes its pid when the call starts, so when
+a worker dies exactly the call it was running fails with WorkerCrashedError. The pool is then
+retired: calls already running on its live workers finish there, calls it has not started come
+back unrun (the worker sees the retired flag) and go to a fresh pool with the queued ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import itertools
+import os
 import threading
+import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, wait
+from dataclasses import dataclass, field
 from typing import Any
 
 import dill
+import multiprocess
 from pathos.pools import ProcessPool
 
-from opero.concurrency import Backend
+from opero.concurrency import Backend, settle_future
 from opero.errors import RemoteError, WorkerCrashedError
 
 _ids = itertools.count()
 
+# A retired pool whose handed-over call has still not started after this long is taken to be
+# stuck (a worker killed while holding the pool's task-queue lock blocks every other worker).
+_STUCK_AFTER = 2.0
 
-def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """Runs in the worker: the call's outcome as dill bytes, never an exception."""
+_slots: Any = None  # in a worker: its pool's shared slot array (pids; the last entry = retired)
+
+
+def _init(slots: Any) -> None:
+    """Runs once in every worker of a pool (pool initializer)."""
+    global _slots  # noqa: PLW0603 - per-process state handed over by the pool
+    _slots = slots
+
+
+def _invoke(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], slot: int
+) -> bytes | None:
+    """Runs in the worker: the call's outcome as dill bytes, never an exception; ``None`` when
+    the pool was retired before the call started (the caller sends it to the next pool)."""
+    # The pid goes in first: a call that saw no retired flag is then known to have started.
+    _slots[slot] = os.getpid()
+    if _slots[len(_slots) - 1]:
+        return None
     try:
         value = fn(*args, **kwargs)
         if inspect.iscoroutine(value):
@@ -55,109 +83,209 @@ def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
     return data
 
 
+@dataclass
+class _Call:
+    future: Future[Any]
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    slot: int = -1
+
+
+@dataclass
+class _Pool:
+    """One pathos pool and the calls handed to it."""
+
+    workers: int
+    slots: Any = None
+    pathos: Any = None
+    mp: Any = None
+    seen: list[Any] = field(default_factory=list)
+    free: list[int] = field(default_factory=list)
+    calls: dict[int, _Call] = field(default_factory=dict)
+    buried: set[int] = field(default_factory=set)  # pids of dead workers already handled
+    retired_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.slots = multiprocess.Array("q", self.workers + 1, lock=False)
+        self.pathos = ProcessPool(
+            self.workers, id=f"opero-{next(_ids)}", initializer=_init, initargs=(self.slots,)
+        )
+        self.mp = self.pathos._serve()
+        # Workers start with the pool: note them now, before one can die unseen.
+        self.seen = list(getattr(self.mp, "_pool", ()))
+        self.free = list(range(self.workers))
+
+    def retire(self) -> None:
+        if self.retired_at is None:
+            self.retired_at = time.monotonic()
+            self.slots[self.workers] = 1
+
+
 class PathosBackend(Backend):
     """``workers`` pathos processes; dead workers are detected and the pool rebuilt."""
 
     def __init__(self, workers: int) -> None:
         super().__init__(workers)
         self._lock = threading.Lock()
-        self._pool: Any = None
-        self._in_flight: dict[int, Future[Any]] = {}
-        self._seen: list[Any] = []
-        self._ids = itertools.count()
+        self._pool: _Pool | None = None  # the pool new calls go to
+        self._retired: list[_Pool] = []  # pools finishing the calls they had started
+        self._queue: collections.deque[_Call] = collections.deque()
+        self._running = 0  # calls handed to pathos, over every pool
+        self._keys = itertools.count()
         self._closed = False
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
-
-    def _ensure_pool(self) -> Any:  # called with the lock held
-        if self._pool is None:
-            self._pool = ProcessPool(self.workers, id=f"opero-{next(_ids)}")
-            # Workers start with the pool: note them now, before one can die unseen.
-            self._seen = list(getattr(self._pool._serve(), "_pool", ()))
-        if self._watcher is None:
-            self._watcher = threading.Thread(
-                target=self._watch, name="opero-pathos-watch", daemon=True
-            )
-            self._watcher.start()
-        return self._pool._serve()
 
     def submit(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Future[Any]:
         future: Future[Any] = Future()
-        future.set_running_or_notify_cancel()
         with self._lock:
             if self._closed:
                 raise RuntimeError("this pathos pool is closed")
-            pool = self._ensure_pool()
-            key = next(self._ids)
-            self._in_flight[key] = future
-
-            def done(data: bytes) -> None:
-                self._settle(key, data)
-
-            def failed(exc: BaseException) -> None:
-                self._settle(key, dill.dumps((False, exc)))
-
-            pool.apply_async(_invoke, (fn, args, kwargs), callback=done, error_callback=failed)
+            if self._watcher is None:
+                self._watcher = threading.Thread(
+                    target=self._watch, name="opero-pathos-watch", daemon=True
+                )
+                self._watcher.start()
+            self._queue.append(_Call(future, fn, args, kwargs))
+            self._pump()
         return future
 
-    def _settle(self, key: int, data: bytes) -> None:
+    def _pump(self) -> None:  # called with the lock held
+        """Hand queued calls to the current pool while fewer than ``workers`` run."""
+        while self._queue and self._running < self.workers and not self._stop.is_set():
+            call = self._queue.popleft()
+            # A call sent back unrun by a retired pool is already running (as the caller sees it).
+            if not call.future.running() and not call.future.set_running_or_notify_cancel():
+                continue  # cancelled before it started: it never starts
+            if self._pool is None:
+                self._pool = _Pool(self.workers)
+            pool, key = self._pool, next(self._keys)
+            call.slot = pool.free.pop()
+            pool.slots[call.slot] = 0
+            pool.calls[key] = call
+            self._running += 1
+
+            def done(data: bytes | None, pool: _Pool = pool, key: int = key) -> None:
+                self._settle(pool, key, data)
+
+            def failed(exc: BaseException, pool: _Pool = pool, key: int = key) -> None:
+                self._settle(pool, key, None, exc)  # e.g. the call could not be pickled
+
+            pool.mp.apply_async(
+                _invoke,
+                (call.fn, call.args, call.kwargs, call.slot),
+                callback=done,
+                error_callback=failed,
+            )
+
+    def _release(self, pool: _Pool, key: int) -> _Call | None:  # called with the lock held
+        call = pool.calls.pop(key, None)
+        if call is not None:
+            pool.free.append(call.slot)
+            self._running -= 1
+        return call
+
+    def _settle(
+        self, pool: _Pool, key: int, data: bytes | None, error: BaseException | None = None
+    ) -> None:
+        # Runs on the pool's result thread, which must never raise (pathos would hang).
+        unrun = data is None and error is None  # the pool was retired before the call started
         with self._lock:
-            future = self._in_flight.pop(key, None)
-        if future is None or future.done():
+            call = self._release(pool, key)
+            if call is not None and unrun:
+                self._queue.appendleft(call)
+            self._pump()
+        if call is None or unrun:
+            return
+        if data is None:
+            settle_future(call.future, False, error)
             return
         try:
             ok, value = dill.loads(data)
         except Exception as exc:
             ok, value = False, RemoteError(type(exc).__qualname__, f"cannot unpickle: {exc}")
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
+        settle_future(call.future, ok, value)
 
     def _watch(self) -> None:
         while not self._stop.wait(0.05):
+            lost: list[tuple[_Call, str]] = []
+            finished: list[_Pool] = []
             with self._lock:
-                if self._pool is None:
-                    continue
-                mp_pool = self._pool._serve()
-                for proc in list(getattr(mp_pool, "_pool", ())):
-                    if proc not in self._seen:
-                        self._seen.append(proc)
-                dead = [p for p in self._seen if p.exitcode is not None]
-                if not dead:
-                    continue
-                crashed, self._in_flight = self._in_flight, {}
-                old, self._pool = self._pool, None
-            _terminate(old)
-            for future in crashed.values():
-                if not future.done():
-                    future.set_exception(
-                        WorkerCrashedError(
-                            f"a pathos worker process died (pid {dead[0].pid}, exit code "
-                            f"{dead[0].exitcode}) while this item was in flight"
+                pools = [*self._retired, *([self._pool] if self._pool else [])]
+                for pool in pools:
+                    lost += self._check(pool)
+                    if pool.retired_at is not None and pool is self._pool:
+                        self._pool = None
+                        self._retired.append(pool)
+                for pool in list(self._retired):
+                    if not pool.calls:
+                        self._retired.remove(pool)
+                        finished.append(pool)
+                if lost:
+                    self._pump()
+            for pool in finished:
+                _terminate(pool.pathos)
+            for call, why in lost:
+                settle_future(call.future, False, WorkerCrashedError(why))
+
+    def _check(self, pool: _Pool) -> list[tuple[_Call, str]]:  # called with the lock held
+        """The calls of ``pool`` lost to a dead worker (or to a stuck retired pool)."""
+        lost: list[tuple[_Call, str]] = []
+        for proc in list(getattr(pool.mp, "_pool", ())):
+            if proc not in pool.seen:
+                pool.seen.append(proc)
+        for proc in pool.seen:
+            if proc.exitcode is None or proc.pid in pool.buried:
+                continue
+            pool.buried.add(proc.pid)
+            pool.retire()
+            for key, call in list(pool.calls.items()):
+                if pool.slots[call.slot] == proc.pid:
+                    self._release(pool, key)
+                    lost.append(
+                        (
+                            call,
+                            f"a pathos worker process died (pid {proc.pid}, exit code "
+                            f"{proc.exitcode}) while running this item",
                         )
                     )
+        if pool.retired_at is not None and time.monotonic() - pool.retired_at > _STUCK_AFTER:
+            for key, call in list(pool.calls.items()):
+                if pool.slots[call.slot] == 0:
+                    self._release(pool, key)
+                    lost.append((call, "a pathos pool stopped taking calls after a worker died"))
+        return lost
 
     def close(self, *, cancel: bool = False) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            pool, self._pool = self._pool, None
-        if pool is not None and not cancel:
-            with contextlib.suppress(Exception):
-                pool._serve().close()
-                pool._serve().join()
+            if cancel:
+                queued, self._queue = list(self._queue), collections.deque()
+            outstanding = [c.future for c in self._queue]
+            for pool in [*self._retired, *([self._pool] if self._pool else [])]:
+                outstanding += [c.future for c in pool.calls.values()]
+        if cancel:
+            for call in queued:
+                if not call.future.cancel():  # already sent back unrun by a retired pool
+                    settle_future(call.future, False, CancelledError())
+        else:
+            wait(outstanding)  # the watcher keeps failing calls whose worker dies meanwhile
         self._stop.set()
-        if pool is not None:
-            _terminate(pool)
         with self._lock:
-            left, self._in_flight = self._in_flight, {}
-        for future in left.values():
-            if not future.done():
-                future.set_exception(CancelledError())
+            pools = [*self._retired, *([self._pool] if self._pool else [])]
+            self._pool, self._retired, self._running = None, [], 0
+            left = [c for pool in pools for c in pool.calls.values()]
+            for pool in pools:
+                pool.calls.clear()
+        for pool in pools:
+            _terminate(pool.pathos)
+        for call in left:
+            settle_future(call.future, False, CancelledError())
 
 
 def _terminate(pool: Any) -> None:
