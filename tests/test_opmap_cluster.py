@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from opero import OpmapError, opmap
+from opero import OperoError, OpmapError, opmap
 from opero.errors import MissingExtraError, RemoteError, WorkerCrashedError
 from opero.testing import fake_time
 
@@ -516,3 +516,90 @@ def test_ray_worker_death_is_worker_crashed_and_retried(ray_cluster: Any, tmp_pa
         g = opmap(mode="ray", workers=2, retries=1, retry_on=WorkerCrashedError)(kill_once)
         assert g([1, 2, 3], marks=str(tmp_path / "b")) == [10, 20, 30]
     g.close()
+
+
+# -- a cold cluster ------------------------------------------------------------------------------
+
+_COLD_SCRIPT = """
+import sys, time
+from opero import opmap
+
+def work(x):
+    started = time.time()
+    time.sleep(0.3)
+    return started
+
+if __name__ == "__main__":
+    f = opmap(mode=sys.argv[1], workers=4, rate_limit=5)(work)
+    print("starts", *f(range(12)))
+    f.close()
+"""
+
+
+def most_starts_in_one_second(starts: list[float]) -> int:
+    starts = sorted(starts)
+    return max(sum(1 for t in starts if first <= t < first + 1.0) for first in starts)
+
+
+@pytest.mark.parametrize("mode", ENGINES)
+def test_rate_limit_holds_on_the_first_map_of_a_cold_cluster(mode: str, tmp_path: Path) -> None:
+    # Regression: the limiter granted start slots while the cluster opero started was still
+    # coming up; the calls queued meanwhile then started together (8 in one second here).
+    _require(mode, "ray" if mode == "ray" else "distributed")
+    script = tmp_path / "cold.py"
+    script.write_text(textwrap.dedent(_COLD_SCRIPT))
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DASK_SCHEDULER_ADDRESS")
+    }
+    out = subprocess.run(
+        [sys.executable, str(script), mode],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    [line] = [line for line in out.stdout.splitlines() if line.startswith("starts")]
+    starts = [float(t) for t in line.split()[1:]]
+    assert len(starts) == 12
+    assert most_starts_in_one_second(starts) <= 5 + 1, starts
+    assert "SIGTERM handler is not set" not in out.stderr
+
+
+def test_dask_cluster_without_workers_fails_after_a_bounded_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    distributed = _require("dask", "distributed")
+    from opero.concurrency.dask import DaskBackend
+
+    monkeypatch.setattr(DaskBackend, "ready_timeout", 0.5)
+    with (
+        distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None) as empty,
+        distributed.Client(empty, set_as_default=False) as client,
+    ):
+        limited = opmap(mode="dask", cluster=client, rate_limit=5)(slow_square)
+        with pytest.raises(OperoError, match=r"not ready after 0\.5 s"):
+            limited(range(3))
+        limited.close()
+        plain = opmap(mode="dask", cluster=client, on_error="return")(slow_square)
+        outcomes = plain(range(3))
+        plain.close()
+    assert all(isinstance(o, OperoError) and "not ready" in str(o) for o in outcomes)
+
+
+def test_ray_cluster_without_free_cpus_fails_after_a_bounded_wait(
+    ray_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opero.concurrency.ray import RayBackend
+
+    monkeypatch.setattr(RayBackend, "ready_timeout", 0.5)
+    hog = ray_cluster.remote(num_cpus=1)(span)
+    busy = [hog.remote(2.0) for _ in range(2)]  # both of the session's CPUs
+    try:
+        limited = opmap(mode="ray", workers=2, rate_limit=5)(slow_square)
+        with pytest.raises(OperoError, match=r"not ready after 0\.5 s"):
+            limited(range(3))
+        limited.close()
+    finally:
+        ray_cluster.get(busy)

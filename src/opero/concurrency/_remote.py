@@ -12,6 +12,12 @@ the caller's process and one dispatcher thread hands them to the engine as tasks
 ``future.cancel()`` on a queued call means it never reaches the cluster. The engine's completion
 callbacks record outcomes; they start the next call themselves only where the engine allows it
 (``launch_in_callbacks``: Dask yes; Ray can deadlock when a callback submits work).
+
+Connecting includes warming up: opero waits, for at most
+:attr:`ClusterBackend.ready_timeout` seconds, until the cluster has workers and each has loaded
+opero (an :class:`~opero.errors.OperoError` otherwise). A rate-limited ``@opmap`` awaits
+:meth:`ClusterBackend.aready` before its first item: a start slot granted while a cold cluster is
+still starting would let the calls queued meanwhile start together once it is up.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any, ClassVar
 
 from opero.concurrency import Backend, settle_future
 from opero.concurrency._worker import portable_exception
-from opero.errors import RemoteError
+from opero.errors import OperoError, RemoteError
 
 try:
     import cloudpickle
@@ -40,6 +46,19 @@ def invoke(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     """Runs on a cluster worker: ``fn(*args, **kwargs)`` (a coroutine is run to completion), and
     its outcome ``(ok, value)`` as bytes; never raises."""
     return run(fn, args, kwargs, cloudpickle.dumps)
+
+
+def warm() -> bool:
+    """Runs on a cluster worker while connecting: importing this module is the warm-up."""
+    return True
+
+
+def not_ready(engine: str, timeout: float, what: str) -> OperoError:
+    """The error of a cluster that did not get ready in time."""
+    return OperoError(
+        f"mode={engine!r}: the cluster was not ready after {timeout:g} s ({what}); "
+        "check that it has workers"
+    )
 
 
 def fast_dumps(value: object, dumps: Callable[[object], bytes]) -> bytes:
@@ -108,6 +127,8 @@ class ClusterBackend(Backend):
     # there, without a hop through the dispatcher thread (each hop between threads costs time
     # when the caller's process is busy).
     launch_in_callbacks: ClassVar[bool] = False
+    # How long connecting may wait for the cluster's workers before failing the queued calls.
+    ready_timeout: ClassVar[float] = 60.0
 
     def __init__(self, workers: int, *, cluster: object = None) -> None:
         super().__init__(workers)
@@ -118,6 +139,8 @@ class ClusterBackend(Backend):
         self._delivering = 0  # calls done on the cluster whose future is not completed yet
         self._thread: threading.Thread | None = None
         self._connected = False
+        # Completed once connected and warmed up (or with the connection error).
+        self._up: Future[None] = Future()
         self._closing = False
         self._cancel = False
 
@@ -156,13 +179,29 @@ class ClusterBackend(Backend):
             if self._closing:
                 raise RuntimeError(f"this {self.engine} backend is closed")
             self._pending.append(_Call(future, fn, args, kwargs))
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name=f"opero-{self.engine}-dispatcher", daemon=True
-                )
-                self._thread.start()
+            self._dispatch()
             self._cond.notify_all()
         return future
+
+    async def aready(self) -> None:
+        """Return once the cluster is connected and warm; raise the connection error if not.
+
+        ``@opmap`` awaits this before its first item, so that no rate-limit slot is granted
+        while a cold cluster is still starting.
+        """
+        with self._cond:
+            if self._closing:
+                raise RuntimeError(f"this {self.engine} backend is closed")
+            self._dispatch()
+            up = self._up
+        await asyncio.wrap_future(up)
+
+    def _dispatch(self) -> None:  # called with the lock held
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"opero-{self.engine}-dispatcher", daemon=True
+            )
+            self._thread.start()
 
     def close(self, *, cancel: bool = False) -> None:
         with self._cond:
@@ -213,11 +252,15 @@ class ClusterBackend(Backend):
             if not self._connected:
                 self._connect()
                 self._connected = True
+            if not self._up.done():
+                self._up.set_result(None)
         except BaseException as exc:
             # Every queued call fails with the connection error; the next submit tries again.
             with self._cond:
                 self._thread = None
                 failed, self._pending = list(self._pending), deque()
+                up, self._up = self._up, Future()
+            up.set_exception(exc)
             for call in failed:
                 if call.future.set_running_or_notify_cancel():
                     call.future.set_exception(exc)

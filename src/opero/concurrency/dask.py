@@ -11,6 +11,10 @@ closed (or at exit). opero never closes a cluster it did not start.
 Dask reschedules a task whose worker died and gives up after
 ``distributed.scheduler.allowed-failures`` deaths with ``KilledWorker``; that, or a task lost
 with its scheduler, reaches the caller as :class:`~opero.errors.WorkerCrashedError`.
+
+Before the first call opero waits until the cluster has workers (all ``workers`` of its own local
+cluster, at least one of another) and each has imported opero, for at most ``ready_timeout``
+seconds.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import distributed
 from distributed.scheduler import KilledWorker
 
 from opero._log import logger
-from opero.concurrency._remote import ClusterBackend, _Call, decode, invoke
+from opero.concurrency._remote import ClusterBackend, _Call, decode, invoke, not_ready, warm
 from opero.errors import WorkerCrashedError
 
 
@@ -60,6 +64,20 @@ class DaskBackend(ClusterBackend):
         )
 
     def _connect(self) -> None:
+        self._open()
+        # opero's own cluster has `workers` processes; another has as many as its owner gave it.
+        expected = self.workers if self._local is not None else 1
+        try:
+            self._client.wait_for_workers(expected, timeout=self.ready_timeout)
+            # Each worker imports opero now, not while the first items are waiting.
+            self._client.run(warm)
+        except BaseException as exc:
+            self._disconnect()
+            if isinstance(exc, TimeoutError):
+                raise not_ready(self.engine, self.ready_timeout, f"{expected} worker(s)") from exc
+            raise
+
+    def _open(self) -> None:
         cluster = self.cluster
         if isinstance(cluster, distributed.Client):
             self._client = cluster

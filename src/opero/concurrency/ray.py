@@ -9,10 +9,15 @@ a local instance it started stops then, a cluster it connected to keeps running.
 Ray itself would re-run a task whose worker died; here ``max_retries=0``, so the caller's
 ``retries``/``retry_on`` decide, as for local processes: a dead worker is a
 :class:`~opero.errors.WorkerCrashedError`.
+
+Before the first call opero runs one no-op task per worker slot and waits for them, for at most
+``ready_timeout`` seconds: Ray then has its worker processes up and opero loaded in them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -24,7 +29,7 @@ import ray.cloudpickle
 import ray.exceptions
 
 from opero._log import logger
-from opero.concurrency._remote import ClusterBackend, _Call, decode, run
+from opero.concurrency._remote import ClusterBackend, _Call, decode, not_ready, run, warm
 from opero.errors import RemoteError, WorkerCrashedError
 
 # Errors that mean the task's worker, node or result is gone rather than that the call failed.
@@ -91,12 +96,23 @@ class _Session:
 
 
 def _init(workers: int, address: str | None) -> None:
-    if address is None:
-        logger.info("mode='ray': starting a local Ray instance with %d CPUs", workers)
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    else:
-        logger.info("mode='ray': connecting to the Ray cluster at %s", address)
-        ray.init(address=address)
+    # ray.init runs on opero's keeper thread, where Ray cannot install its SIGTERM handler and
+    # warns that it did not; the warning is expected here and says nothing to the user.
+    ray_logger = logging.getLogger("ray._private.worker")
+    ray_logger.addFilter(_not_main_thread)
+    try:
+        if address is None:
+            logger.info("mode='ray': starting a local Ray instance with %d CPUs", workers)
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        else:
+            logger.info("mode='ray': connecting to the Ray cluster at %s", address)
+            ray.init(address=address)
+    finally:
+        ray_logger.removeFilter(_not_main_thread)
+
+
+def _not_main_thread(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("SIGTERM handler is not set")
 
 
 _session = _Session()
@@ -114,6 +130,21 @@ class RayBackend(ClusterBackend):
     def _connect(self) -> None:
         address = self.cluster if isinstance(self.cluster, str) else None
         self._owned = _session.acquire(self.workers, address)
+        # One no-op task per slot: Ray starts its worker processes and loads opero in them now,
+        # not while the first items are waiting.
+        refs = [_task.remote(warm, (), {}) for _ in range(self.workers)]
+        try:
+            ray.get(refs, timeout=self.ready_timeout)
+        except BaseException as exc:
+            for ref in refs:
+                with contextlib.suppress(Exception):  # finished already
+                    ray.cancel(ref, force=True)
+            self._disconnect()
+            if isinstance(exc, ray.exceptions.GetTimeoutError):
+                raise not_ready(
+                    self.engine, self.ready_timeout, f"{self.workers} warm-up task(s)"
+                ) from exc
+            raise
 
     def _launch(self, call: _Call) -> None:
         ref = _task.remote(call.fn, call.args, call.kwargs)

@@ -646,6 +646,11 @@ async def _outcomes_async(
 
     abort = True
     try:
+        warm_up = getattr(pool, "aready", None)
+        if warm_up is not None and chain.limiter is not None:
+            # A cluster backend connects and warms up first: a start slot granted while a cold
+            # cluster is still starting would let the calls queued meanwhile start together.
+            await warm_up()
         exhausted = False
         while True:
             while not exhausted and run.room(len(in_flight)):
