@@ -61,7 +61,8 @@ def test_item_and_result_types_survive(tmp_path: Path) -> None:
         check=False,
     )
     # exit 1 also means "No module named mypy": only mypy's own findings count
-    assert result.returncode in (0, 1) and not result.stderr.strip(), result.stderr
+    assert result.returncode in (0, 1), result.stderr
+    assert not result.stderr.strip(), result.stderr
     lines = CHECKED.splitlines()
     seen_notes: dict[int, str] = {}
     seen_errors: dict[int, str] = {}

@@ -45,7 +45,8 @@ def mypy_output() -> list[re.Match[str]]:
         check=False,
     )
     # exit 1 also means "No module named mypy": only mypy's own findings count
-    assert result.returncode in (0, 1) and not result.stderr.strip(), result.stderr
+    assert result.returncode in (0, 1), result.stderr
+    assert not result.stderr.strip(), result.stderr
     matches = [MESSAGE.match(line) for line in result.stdout.splitlines()]
     assert all(matches), result.stdout
     return [m for m in matches if m is not None]
