@@ -136,6 +136,28 @@ def test_pathos_a_dead_worker_fails_only_the_item_it_was_running() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_pathos_idle_workers_killed_never_hang_the_calls_sent_to_them() -> None:
+    # A worker killed while idle can hold the pool's task-queue lock: calls already handed to that
+    # pool never start, and terminating it waits for the lock. Both used to hang forever.
+    from opero.concurrency.pathos import PathosBackend
+
+    backend = PathosBackend(2)
+    try:
+        assert backend.submit(abs, (-1,), {}).result(timeout=20) == 1
+        pool = backend._pool
+        assert pool is not None
+        for proc in pool.mp._pool:
+            os.kill(proc.pid, signal.SIGKILL)
+        futures = [backend.submit(abs, (-i,), {}) for i in range(6)]
+        for i, future in enumerate(futures):
+            error = future.exception(timeout=20)
+            assert isinstance(error, WorkerCrashedError) or future.result() == i
+        assert backend.submit(abs, (-7,), {}).result(timeout=20) == 7
+    finally:
+        backend.close()
+
+
+@pytest.mark.timeout(30)
 def test_pathos_a_call_cancelled_while_queued_never_runs(tmp_path: Path) -> None:
     from opero.concurrency.pathos import PathosBackend
 

@@ -226,10 +226,10 @@ class PathosBackend(Backend):
                         finished.append(pool)
                 if lost:
                     self._pump()
-            for pool in finished:
-                _terminate(pool.pathos)
             for call, why in lost:
                 settle_future(call.future, False, WorkerCrashedError(why))
+            for pool in finished:  # in the background: a stuck pool must not stop the watcher
+                threading.Thread(target=_terminate, args=(pool,), daemon=True).start()
 
     def _check(self, pool: _Pool) -> list[tuple[_Call, str]]:  # called with the lock held
         """The calls of ``pool`` lost to a dead worker (or to a stuck retired pool)."""
@@ -282,13 +282,26 @@ class PathosBackend(Backend):
             left = [c for pool in pools for c in pool.calls.values()]
             for pool in pools:
                 pool.calls.clear()
-        for pool in pools:
-            _terminate(pool.pathos)
         for call in left:
             settle_future(call.future, False, CancelledError())
+        for pool in pools:
+            _terminate(pool)
 
 
-def _terminate(pool: Any) -> None:
+def _terminate(pool: _Pool) -> None:
+    """Stop the pool's workers; returns within about a second even when the pool is stuck."""
+    stopper = threading.Thread(target=_shut, args=(pool.pathos,), daemon=True)
+    stopper.start()
+    stopper.join(1.0)
+    if stopper.is_alive():
+        # terminate() waits for the task-queue lock, which a killed idle worker may hold forever
+        # (the stopper thread then stays blocked): kill the workers directly instead.
+        for proc in {*pool.seen, *getattr(pool.mp, "_pool", ())}:
+            with contextlib.suppress(Exception):
+                proc.kill()
+
+
+def _shut(pool: Any) -> None:
     with contextlib.suppress(Exception):
         mp_pool = pool._serve()
         mp_pool.terminate()
