@@ -537,3 +537,95 @@ def test_retries_only_does_not_retry_what_retry_on_excludes(tmp_path: Path) -> N
         f.close()
     assert [type(v) for v in out[1::2]] == [TimeoutError] * 5
     assert out[0::2] == [0, 20, 40, 60, 80]
+
+
+# -- scheduling: a call goes to an idle worker, never behind a busy one -------------------------
+# Each helper waits (up to a deadlock guard, not a timing assertion) for files the other items
+# create, so it only succeeds when those items run at the same time as it.
+
+
+def _appeared(folder: str, names: list[str], guard: float = 15.0) -> bool:
+    deadline = time.monotonic() + guard
+    while not all(os.path.exists(os.path.join(folder, name)) for name in names):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def meet(item: int, folder: str, n: int) -> tuple[bool, int]:
+    """A barrier of ``n`` items: whether all ``n`` were running at once, and this worker's pid."""
+    Path(folder, f"{item}.here").touch()
+    return _appeared(folder, [f"{i}.here" for i in range(n)]), os.getpid()
+
+
+async def ameet(item: int, folder: str, n: int) -> tuple[bool, int]:
+    Path(folder, f"{item}.here").touch()
+    names = [f"{i}.here" for i in range(n)]
+    for _ in range(1500):
+        if all(os.path.exists(os.path.join(folder, name)) for name in names):
+            return True, os.getpid()
+        await asyncio.sleep(0.01)
+    return False, os.getpid()
+
+
+def wait_for_go(item: int, folder: str) -> bool:
+    """Item 3 says go; the others wait for it."""
+    if item == 3:
+        Path(folder, "go").touch()
+        return True
+    return _appeared(folder, ["go"])
+
+
+@pytest.mark.parametrize(("items", "workers"), [(2, 2), (2, 4), (4, 4)])
+@pytest.mark.parametrize("options", [{}, {"cache": True}], ids=["chunks", "per-item"])
+def test_every_item_gets_its_own_worker_while_workers_are_free(
+    items: int, workers: int, options: dict[str, Any], tmp_path: Path
+) -> None:
+    f = opmap(mode="process", workers=workers, **options)(meet)
+    try:
+        (tmp_path / "warm").mkdir()
+        f([0], folder=str(tmp_path / "warm"), n=1)  # a warm pool: one process already idle
+        out = f(range(items), folder=str(tmp_path), n=items)
+    finally:
+        f.close()
+    assert [met for met, _ in out] == [True] * items
+    assert len({pid for _, pid in out}) == items
+
+
+def test_a_short_item_does_not_wait_behind_a_long_one(tmp_path: Path) -> None:
+    # Items 0-2 block until item 3 runs: it must get a worker of its own, not a busy one's queue.
+    f = opmap(mode="process", workers=4, ordered=False)(wait_for_go)
+    try:
+        out = list(f.stream(range(4), folder=str(tmp_path)))
+    finally:
+        f.close()
+    assert out == [True] * 4
+
+
+def test_a_call_goes_to_the_idle_worker_when_another_is_busy(tmp_path: Path) -> None:
+    from opero.concurrency.process import ProcessBackend
+
+    backend = ProcessBackend(2)
+    try:
+        blocked = backend.submit(wait_for_go, (0, str(tmp_path)), {})
+        assert backend.submit(os.getpid, (), {}).result(timeout=30)  # one worker is idle again
+        go = backend.submit(wait_for_go, (3, str(tmp_path)), {})
+        assert go.result(timeout=30) is True
+        assert blocked.result(timeout=30) is True
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("items", [2, 4])
+def test_async_process_spreads_items_over_its_processes(
+    items: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # workers=4: 2 processes, 2 calls each
+    f = opmap(mode="async_process", workers=4)(ameet)
+    try:
+        out = asyncio.run(f(range(items), folder=str(tmp_path), n=items))
+    finally:
+        f.close()
+    assert [met for met, _ in out] == [True] * items
+    assert len({pid for _, pid in out}) == 2

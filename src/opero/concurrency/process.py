@@ -4,8 +4,9 @@ Why not ``multiprocessing.Pool`` or ``ProcessPoolExecutor``: the first waits for
 whose worker died, the second fails every queued call and cannot pickle lambdas. Here one
 dispatcher thread owns every worker and its pipe, so it always knows which calls each worker is
 running. It waits on the pipes and the process sentinels together: a result completes its
-future; a dead worker fails exactly the calls it was running with ``WorkerCrashedError`` (calls
-that were queued on it but not started go back to the queue) and is replaced on demand.
+future; a dead worker fails exactly the calls it was running with ``WorkerCrashedError`` and is
+replaced on demand. Calls not started yet wait in the parent's queue, never on a worker's pipe,
+and go to the idle worker (started if the pool is below its size), or the least busy one.
 
 Functions travel with cloudpickle once per worker (closures and lambdas included, under every
 start method); arguments and results travel per call. Workers start lazily, are reused across
@@ -35,7 +36,6 @@ from opero.concurrency import Backend, _worker, settle_future
 from opero.errors import RemoteError, WorkerCrashedError
 
 _CALL = struct.Struct("!QQ")
-_PREFETCH_BYTES = 16 * 1024  # well under a pipe's buffer
 
 
 def default_context() -> Any:
@@ -87,8 +87,12 @@ class _Worker:
 
 
 class ProcessBackend(Backend):
-    """``workers`` processes, each running one call at a time (one more is queued on its pipe so
-    it never waits for the parent between calls)."""
+    """``workers`` processes, each running one call at a time.
+
+    A call goes to an idle process (started when none is idle and the pool is below
+    ``workers``); when all are busy it waits in the parent for the first one to become free,
+    never on a busy worker's pipe, where a short call would wait behind a long one.
+    """
 
     batching = True
     concurrent_calls: ClassVar[bool] = False
@@ -100,8 +104,10 @@ class ProcessBackend(Backend):
             self._processes = max(1, min(workers, os.cpu_count() or 1))
             self._capacity = math.ceil(workers / self._processes)
         else:
+            # No call is queued on a busy worker: measured with 10,000 trivial items in chunks
+            # and 200 x 10 ms items on 2 workers, the round trip it would save is not visible.
             self._processes = workers
-            self._capacity = 2
+            self._capacity = 1
         self._lock = threading.Lock()
         self._pending: deque[_Task] = deque()
         self._workers: list[_Worker] = []
@@ -201,8 +207,11 @@ class ProcessBackend(Backend):
         return True
 
     def _start_workers(self) -> None:
-        free = sum(self._capacity - len(w.tasks) for w in self._workers if not w.broken)
-        missing = len(self._pending) - free
+        # Start a process for every task that could run now but would find no idle process:
+        # a task never waits behind another while the pool is below its size.
+        running = sum(len(w.tasks) for w in self._workers)
+        idle = sum(1 for w in self._workers if not w.tasks and not w.broken)
+        missing = min(len(self._pending), self.workers - running) - idle
         while missing > 0 and len(self._workers) < self._processes:
             parent_end, child_end = self._ctx.Pipe()
             proc = self._ctx.Process(
@@ -213,42 +222,47 @@ class ProcessBackend(Backend):
             proc.start()
             child_end.close()
             self._workers.append(_Worker(proc, parent_end))
-            missing -= self._capacity
+            missing -= 1
 
     def _dispatch(self) -> None:
         running = sum(len(w.tasks) for w in self._workers)
+        while self._pending:
+            if self.concurrent_calls and running >= self.workers:
+                return
+            w = self._least_busy()
+            if w is None:
+                return
+            task = self._pending.popleft()
+            if not task.started:
+                if not task.future.set_running_or_notify_cancel():
+                    continue  # cancelled before it started
+                task.started = True
+            try:
+                if task.key not in w.functions:
+                    w.conn.send_bytes(b"F" + _worker.ID.pack(task.key) + self._fn_bytes(task))
+                    w.functions.add(task.key)
+                w.conn.send_bytes(task.payload)
+            except OSError:  # the worker is dying; its sentinel will tell
+                w.broken = True
+                self._pending.appendleft(task)
+                continue
+            w.tasks[task.id] = task
+            running += 1
+
+    def _least_busy(self) -> _Worker | None:
+        """The worker with the fewest calls that can take one more, if any."""
+        best: _Worker | None = None
         for w in self._workers:
-            while self._pending and len(w.tasks) < self._capacity and not w.broken:
-                if self.concurrent_calls and running >= self.workers:
-                    return
-                if w.tasks and not self.concurrent_calls and self._size(w) > _PREFETCH_BYTES:
-                    # A busy worker is not reading its pipe: a big message could fill it while
-                    # the worker fills ours with a big result, and both would wait forever.
+            if w.broken or len(w.tasks) >= self._capacity:
+                continue
+            if best is None or len(w.tasks) < len(best.tasks):
+                best = w
+                if not w.tasks:
                     break
-                task = self._pending.popleft()
-                if not task.started:
-                    if not task.future.set_running_or_notify_cancel():
-                        continue  # cancelled before it started
-                    task.started = True
-                try:
-                    if task.key not in w.functions:
-                        w.conn.send_bytes(b"F" + _worker.ID.pack(task.key) + self._fn_bytes(task))
-                        w.functions.add(task.key)
-                    w.conn.send_bytes(task.payload)
-                except OSError:  # the worker is dying; its sentinel will tell
-                    w.broken = True
-                    self._pending.appendleft(task)
-                    break
-                w.tasks[task.id] = task
-                running += 1
+        return best
 
     def _fn_bytes(self, task: _Task) -> bytes:
         return self._fn_data[task.key]
-
-    def _size(self, w: _Worker) -> int:
-        task = self._pending[0]
-        extra = 0 if task.key in w.functions else len(self._fn_data[task.key])
-        return len(task.payload) + extra
 
     def _receive(self, w: _Worker) -> None:
         while True:
@@ -277,16 +291,7 @@ class ProcessBackend(Backend):
         w.proc.join(timeout=1)
         self._workers.remove(w)
         w.conn.close()
-        tasks = list(w.tasks.values())
-        if not tasks:
-            return
-        if self.concurrent_calls:
-            crashed, requeue = tasks, []
-        else:
-            crashed, requeue = tasks[:1], tasks[1:]
-        with self._lock:
-            self._pending.extendleft(reversed(requeue))
-        for task in crashed:
+        for task in w.tasks.values():
             settle_future(
                 task.future,
                 False,
