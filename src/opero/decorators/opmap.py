@@ -221,6 +221,7 @@ class _Base(Generic[T, R]):
         functools.update_wrapper(self, func)  # type: ignore[arg-type]
         self._func = func
         self._is_async = is_async_function(func)
+        self._chunk_fn: Callable[..., Any] | None = None
         self._chain = chain
         self._settings = settings
         self._lock = threading.Lock()
@@ -232,6 +233,14 @@ class _Base(Generic[T, R]):
         # call, and only items that failed it need their chain.
         self._retries_only = bare and chain.retry.attempts > 1
         self.opero_chain = chain
+
+    def _chunk_call(self) -> Callable[..., Any]:
+        """``call_chunk`` bound to this function, made once, so that a pool pickles the user's
+        function once (pools key the functions they have sent by identity) rather than with
+        every chunk."""
+        if self._chunk_fn is None:
+            self._chunk_fn = functools.partial(_call_chunk(), self._func)
+        return self._chunk_fn
 
     def __repr__(self) -> str:
         return f"<opmap {self._chain.name} mode={self._settings.mode!r}>"
@@ -557,7 +566,7 @@ def _outcomes_sync(owner: _Base[Any, Any], run: _Run, kwargs: dict[str, Any]) ->
                     exhausted = True
                     break
                 chunk = [item for _, item in batch]
-                future = pool.submit(_call_chunk(), (func, chunk, kwargs), {})
+                future = pool.submit(owner._chunk_call(), (chunk, kwargs), {})
                 chunks.sent(future)
                 in_flight[future] = (_CHUNK, batch[0][0], chunk)
                 future.add_done_callback(done.put)
