@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import shutil
 import socket
@@ -149,3 +150,25 @@ def redis_client(redis_url: str, test_namespace: str) -> Iterator[Any]:
         if doomed:
             client.delete(*doomed)
         client.close()
+
+
+class Records(logging.Handler):
+    """Collects the opero logger's records directly (whatever its propagation setting)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def opero_log() -> Any:
+    logger = logging.getLogger("opero")
+    handler, level = Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    yield handler.records
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -23,28 +23,6 @@ from opero.errors import RemoteError
 pytestmark = pytest.mark.timeout(60)
 
 
-class Records(logging.Handler):
-    """Collects the opero logger's records directly (whatever its propagation setting)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def opero_log() -> Any:
-    logger = logging.getLogger("opero")
-    handler, level = Records(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    yield handler.records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
 CRASH_MODES = [
     ("sync", "process"),
     ("sync", "pathos"),
