@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -172,3 +173,34 @@ def opero_log() -> Any:
     yield handler.records
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+def run_mypy(path: str, cwd: object) -> str:
+    """``mypy --strict`` on one file; its findings (stdout). Fails the test when mypy itself cannot
+    run (exit 1 also means "No module named mypy": only mypy's own findings count)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--no-error-summary",
+            "--show-error-codes",
+            "--no-pretty",
+            "--no-incremental",
+            path,
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode in (0, 1), result.stderr
+    assert not result.stderr.strip(), result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def mypy() -> Callable[[str, object], str]:
+    """:func:`run_mypy`, for the typing tests."""
+    return run_mypy
