@@ -607,3 +607,22 @@ def test_async_process_spreads_items_over_its_processes(
         f.close()
     assert [met for met, _ in out] == [True] * items
     assert len({pid for _, pid in out}) == 2
+
+
+def test_close_returns_when_the_only_calls_left_were_cancelled_while_queued() -> None:
+    import threading
+
+    from opero.concurrency.process import ProcessBackend
+
+    backend = ProcessBackend(1)
+    running = backend.submit(time.sleep, (0.5,), {})
+    queued = backend.submit(time.sleep, (0.5,), {})
+    assert queued.cancel()  # still in the parent's queue: no worker free
+    closer = threading.Thread(target=backend.close, daemon=True)
+    closer.start()
+    closer.join(timeout=20)
+    hung = closer.is_alive()
+    if hung:
+        backend.close(cancel=True)  # free the dispatcher so the suite goes on
+    assert not hung, "close() waited forever on a call that had been cancelled"
+    assert running.result(timeout=0) is None

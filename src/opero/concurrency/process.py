@@ -186,10 +186,12 @@ class ProcessBackend(Backend):
         with self._lock:
             if self._cancel:
                 return False
+            self._start_workers()
+            self._dispatch()  # may drop queued calls that were cancelled
+            # Checked after dispatching: when the last queued calls were cancelled, nothing is
+            # left to wake this thread, so waiting would be forever.
             if self._closing and not self._pending and not any(w.tasks for w in self._workers):
                 return False
-            self._start_workers()
-            self._dispatch()
             waitables: list[Any] = [self._wake_r]
             for w in self._workers:
                 waitables += (w.conn, w.proc.sentinel)
