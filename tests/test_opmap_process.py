@@ -626,3 +626,20 @@ def test_close_returns_when_the_only_calls_left_were_cancelled_while_queued() ->
         backend.close(cancel=True)  # free the dispatcher so the suite goes on
     assert not hung, "close() waited forever on a call that had been cancelled"
     assert running.result(timeout=0) is None
+
+
+def pid_after_a_moment(item: int) -> int:
+    time.sleep(0.0001)
+    return os.getpid()
+
+
+def test_a_long_list_keeps_every_worker_busy() -> None:
+    # 10,000 items make chunks of 1,250: more than a list call's window holds in items, so
+    # chunks must count as units of it or only one chunk (one worker) would ever run at a time.
+    f = opmap(mode="process", workers=2)(pid_after_a_moment)
+    try:
+        pids = f(range(10_000))
+    finally:
+        f.close()
+    assert len(pids) == 10_000
+    assert len(set(pids)) == 2

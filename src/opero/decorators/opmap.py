@@ -528,6 +528,15 @@ def _outcomes_sync(owner: _Base[Any, Any], run: _Run, kwargs: dict[str, Any]) ->
     chain: Chain | None = None
     chunks = _Chunks(run.total, pool.workers) if direct and pool.batching else None
 
+    def has_room() -> bool:
+        if chunks is None:
+            return run.room(len(in_flight))
+        if run.streaming:  # a stream's window counts items, so its input is read lazily
+            return run.room(len(in_flight) * chunks.size)
+        # A list holds every result anyway: two chunks per worker keep each one busy with the
+        # next chunk ready (counting items, a chunk above the window would run alone).
+        return len(in_flight) < 2 * pool.workers
+
     def send(index: int, item: Any) -> None:
         future = pool.submit(func, (item,), kwargs)
         in_flight[future] = (_ITEM, index, [item])
@@ -553,7 +562,7 @@ def _outcomes_sync(owner: _Base[Any, Any], run: _Run, kwargs: dict[str, Any]) ->
     try:
         exhausted = False
         while True:
-            while not exhausted and run.room(len(in_flight) * (chunks.size if chunks else 1)):
+            while not exhausted and has_room():
                 if chunks is None:
                     entry = next(run.items, None)
                     if entry is None:
