@@ -55,9 +55,12 @@ def once(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 0.01 else f"{seconds * 1000:.0f} ms"
+
+
 def row(name: str, ours: float, peer: float, peer_name: str) -> str:
-    ratio = ours / peer
-    return f"| {name} | {ours * 1000:.0f} ms | {peer_name}: {peer * 1000:.0f} ms | {ratio:.2f}x |"
+    return f"| {name} | {ms(ours)} | {peer_name}: {ms(peer)} | {ours / peer:.2f}x |"
 
 
 def first_call(side: str) -> float:
@@ -195,12 +198,11 @@ def main() -> None:
         f"(ProcessPoolExecutor: {peer_speedup:.2f}x)"
     )
     print(
-        f"process, {N:,} trivial items with retries=2 (first attempts in chunks): "
-        f"{retry_time * 1000:.0f} ms"
+        f"process, {N:,} trivial items with retries=2 (first attempts in chunks): {ms(retry_time)}"
     )
     print(
         "process, 2,000 trivial items with cache=True (a chain per item, sent one by one): "
-        f"{later * 1000:.0f} ms all misses, {hits * 1000:.0f} ms all hits"
+        f"{ms(later)} all misses, {ms(hits)} all hits"
     )
 
 
