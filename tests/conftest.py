@@ -147,7 +147,7 @@ def redis_client(redis_url: str, test_namespace: str) -> Iterator[Any]:
     try:
         yield client
     finally:
-        doomed = list(client.scan_iter(match=f"{test_namespace}:*", count=1000))
+        doomed = list(client.scan_iter(match=f"{test_namespace}*", count=1000))
         if doomed:
             client.delete(*doomed)
         client.close()

@@ -240,7 +240,8 @@ def test_ttl_expires_entries(store: Store, mode: Mode) -> None:
     assert len(calls) == 2
 
 
-def test_namespaces_are_separate(store: Store, mode: Mode) -> None:
+@pytest.mark.parametrize("suffix", ["-other", ":sub"])  # "ns:sub" is not inside "ns"
+def test_namespaces_are_separate(store: Store, mode: Mode, suffix: str) -> None:
     def make(namespace: str) -> tuple[Callable[..., Any], list[Any]]:
         def shared_name(x: int) -> int:
             return x
@@ -248,7 +249,7 @@ def test_namespaces_are_separate(store: Store, mode: Mode) -> None:
         fn, calls = counted(mode, shared_name)
         return opero(**store.options(cache_namespace=namespace))(fn), calls
 
-    other = store.namespace + "-other"
+    other = store.namespace + suffix
     f, f_calls = make(store.namespace)
     g, g_calls = make(other)
     try:

@@ -14,7 +14,7 @@ from typing import Any
 
 from opero.cache.memory import MemoryCache, clear_all
 from opero.cache.serializers import get_serializer
-from opero.core.cache import CacheBackend, CacheLayer, KeyBuilder
+from opero.core.cache import CacheBackend, CacheLayer, KeyBuilder, namespace_prefix
 
 __all__ = ["BACKENDS", "clear_cache", "get_backend", "make_layer"]
 
@@ -96,7 +96,7 @@ def clear_cache(
     Redis entries are found with ``SCAN`` on the namespace's key prefix, never ``KEYS`` or
     ``FLUSHDB``, so other data in the database is untouched.
     """
-    prefix = f"{namespace}:"
+    prefix = namespace_prefix(namespace)
     if cache_backend == "memory":
         return clear_all(prefix)
     return get_backend(cache_backend, cache_dir).clear(prefix)

@@ -1,6 +1,7 @@
 """Cache policy: stable keys, single flight, and the adapter that keeps a failing store harmless.
 
-Keys are ``"{namespace}:{module}.{qualname}:{fingerprint}:{digest}"``. The fingerprint names this
+Keys are ``"{namespace}:{module}.{qualname}:{fingerprint}:{digest}"`` (a ``:`` or ``%`` in the
+namespace is escaped, see :func:`namespace_prefix`). The fingerprint names this
 version of the function (its source text and the values it closes over, computed once when
 decorating); the digest is a BLAKE2b hash of a deterministic text form of the call's arguments,
 bound to the signature with defaults applied. The text form never uses ``hash()``, ``id()`` or the
@@ -438,6 +439,12 @@ def _code_text(code: types.CodeType, out: list[str]) -> None:
     out.append(">")
 
 
+def namespace_prefix(namespace: str) -> str:
+    """The start of every key in ``namespace``: the namespace with ``%`` and ``:`` escaped, then
+    ``":"``. Escaping keeps namespaces apart: clearing ``"api"`` never touches ``"api:v2"``."""
+    return namespace.replace("%", "%25").replace(":", "%3A") + ":"
+
+
 class KeyBuilder:
     """Builds the cache key of one call of one function.
 
@@ -491,7 +498,7 @@ class KeyBuilder:
                 f"cache=True needs a function with a __qualname__, got {func!r}: decorate a "
                 "function (def) that makes this call instead"
             )
-        self.prefix = f"{namespace}:{func.__module__}.{qualname}:"
+        self.prefix = f"{namespace_prefix(namespace)}{func.__module__}.{qualname}:"
         # A store of this function's own (the memory cache) needs no fingerprint: no other
         # function and no other version of this one can reach its entries.
         self.fingerprint: str | None = None
