@@ -453,3 +453,53 @@ def test_a_malformed_url_in_the_environment_names_the_option_and_the_variable(
 )
 def test_well_formed_urls_are_accepted(url: str) -> None:
     assert resolve_url(url) == url
+
+
+def test_many_concurrent_callers_wait_for_a_connection_instead_of_failing(
+    redis_url: str, redis_client: Any, test_namespace: str, mode: Mode, opero_log: Any
+) -> None:
+    # More callers at once than the pool has connections: a healthy server must never look dead
+    # (the cache would turn off, and the shared rate limit would become per-process).
+    import threading
+
+    n = 300
+    calls: list[int] = []
+
+    def work(x: int) -> int:
+        calls.append(x)
+        return x
+
+    f = opero(
+        cache=True,
+        cache_backend=redis_url,
+        cache_namespace=test_namespace,
+        rate_limit=100_000,
+        rate_limit_backend=redis_url,
+        rate_limit_key=f"{test_namespace}:limit",
+    )(mode.fn(work))
+
+    def all_at_once() -> list[int]:
+        if mode.is_async:
+
+            async def main() -> list[int]:
+                return list(await asyncio.gather(*(f(x) for x in range(n))))
+
+            return asyncio.run(main())
+        results = [0] * n
+        barrier = threading.Barrier(n)
+
+        def one(x: int) -> None:
+            barrier.wait()
+            results[x] = f(x)
+
+        threads = [threading.Thread(target=one, args=(x,)) for x in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+    assert all_at_once() == list(range(n))
+    assert all_at_once() == list(range(n))  # every call a hit
+    assert sorted(calls) == list(range(n))
+    assert [r.getMessage() for r in opero_log] == []

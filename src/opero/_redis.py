@@ -45,6 +45,13 @@ SCHEMES = ("redis", "rediss", "unix")
 # URL override them (redis-py's rule: URL options win).
 CONNECT_TIMEOUT = 0.25
 SOCKET_TIMEOUT = 1.0
+# Connections per pool (one pool per URL per process, one per URL per event loop). Callers beyond
+# it wait for a free connection instead of failing: redis-py's plain pool raises at its limit,
+# which would look like a dead server to the cache and the shared rate limit.
+MAX_CONNECTIONS = 50
+# How long a caller waits for a free connection: long enough for the calls ahead of it to finish
+# or time out against a hung server, so that only a dead server ends in "unreachable".
+POOL_TIMEOUT = 2 * (CONNECT_TIMEOUT + SOCKET_TIMEOUT)
 
 
 def import_redis(feature: str) -> Any:
@@ -167,6 +174,8 @@ def _options(redis: Any, retry_class: Any) -> dict[str, Any]:
     return {
         "socket_connect_timeout": CONNECT_TIMEOUT,
         "socket_timeout": SOCKET_TIMEOUT,
+        "max_connections": MAX_CONNECTIONS,
+        "timeout": POOL_TIMEOUT,  # the wait for a free connection
         # No retries inside redis-py: each user backs off on its own, and one more attempt
         # against a dead server only doubles the time a caller waits for it.
         "retry": retry_class(redis.backoff.NoBackoff(), 0),
@@ -182,7 +191,10 @@ def sync_client(url: str) -> redis_py.Redis:
             if client is None:
                 redis = import_redis("Redis")
                 options = _options(redis, redis.retry.Retry)
-                client = _clients[url] = redis.Redis.from_url(url, **options)
+                pool = redis.BlockingConnectionPool.from_url(url, **options)
+                client = redis.Redis(connection_pool=pool)
+                client.auto_close_connection_pool = True  # as from_url does: close() frees it
+                _clients[url] = client
     return client
 
 
@@ -207,7 +219,10 @@ async def async_client(url: str) -> redis_asyncio.Redis:
     if client is None:
         redis = import_redis("Redis")
         options = _options(redis, redis.asyncio.retry.Retry)
-        client = clients[url] = redis.asyncio.Redis.from_url(url, **options)
+        apool = redis.asyncio.BlockingConnectionPool.from_url(url, **options)
+        client = redis.asyncio.Redis(connection_pool=apool)
+        client.auto_close_connection_pool = True  # as from_url does: aclose() frees it
+        clients[url] = client
     return client
 
 
