@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -405,6 +406,65 @@ def test_a_crash_inside_a_chunk_fails_only_the_item_that_killed_the_worker(
     assert [v for i, v in enumerate(out) if i != 3] == [i * 2 for i in range(64) if i != 3]
 
 
+def logged_then_killed_once(item: int, folder: str, victim: int, work: float) -> int:
+    """Logs each run of ``item`` as a file; the first run of ``victim`` is SIGKILLed, as the
+    OOM killer would (it would succeed if run again)."""
+    Path(folder, f"{item}-{uuid.uuid4().hex}").touch()
+    if item == victim and not Path(folder, "killed").exists():
+        Path(folder, "killed").touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(work)
+    return item
+
+
+def _runs(folder: Path) -> dict[int, int]:
+    runs: dict[int, int] = {}
+    for path in folder.iterdir():
+        if path.name != "killed":
+            item = int(path.name.split("-")[0])
+            runs[item] = runs.get(item, 0) + 1
+    return runs
+
+
+@pytest.mark.parametrize("work", [0.0, 0.015], ids=["trivial", "15ms"])
+def test_a_worker_killed_mid_chunk_fails_that_item_once_and_finished_items_keep_results(
+    tmp_path: Path, work: float
+) -> None:
+    from opero.concurrency._worker import FLUSH_EVERY
+
+    f = opmap(mode="process", workers=2, on_error="return")(logged_then_killed_once)
+    try:  # 80 items: chunks of 10; item 15 is the sixth of the second chunk
+        out = f(range(80), folder=str(tmp_path), victim=15, work=work)
+    finally:
+        f.close()
+    assert isinstance(out[15], WorkerCrashedError)  # not silently run again (retries=0)
+    assert [v for i, v in enumerate(out) if i != 15] == [i for i in range(80) if i != 15]
+    runs = _runs(tmp_path)
+    assert runs[15] == 1
+    assert sorted(runs) == list(range(80))
+    twice = sorted(i for i, n in runs.items() if n > 1)
+    if work > FLUSH_EVERY:  # each finished item's outcome reached the caller before the kill
+        assert twice == []
+    else:  # finished items whose outcomes died with the worker run again; none other
+        assert set(twice) <= set(range(10, 15))
+
+
+def test_a_worker_killed_mid_chunk_retries_that_item_when_retry_on_covers_it(
+    tmp_path: Path,
+) -> None:
+    f = opmap(mode="process", workers=2, retries=1, min_delay=0.01, retry_on=WorkerCrashedError)(
+        logged_then_killed_once
+    )
+    try:
+        out = f(range(80), folder=str(tmp_path), victim=15, work=0.015)
+    finally:
+        f.close()
+    assert out == list(range(80))
+    runs = _runs(tmp_path)
+    assert runs[15] == 2
+    assert [i for i, n in runs.items() if n != 1] == [15]
+
+
 async def test_sync_process_map_inside_a_running_loop() -> None:
     f = opmap(mode="process", workers=2, retries=1)(stamp)
     try:
@@ -643,3 +703,30 @@ def test_a_long_list_keeps_every_worker_busy() -> None:
         f.close()
     assert len(pids) == 10_000
     assert len(set(pids)) == 2
+
+
+def test_a_stream_of_a_slow_source_does_not_wait_for_full_chunks() -> None:
+    # A plain function's items travel in chunks that grow while they come back fast; a source
+    # that produces an item every 5 ms must still get each result before it reads far ahead.
+    produced: list[int] = []
+
+    def source() -> Iterator[int]:
+        for i in range(120):
+            time.sleep(0.005)
+            produced.append(i)
+            yield i
+
+    f = opmap(mode="process", workers=2)(echo_item)
+    ahead = []
+    try:
+        for n, item in enumerate(f.stream(source()), 1):
+            assert item == n - 1
+            ahead.append(len(produced) - n)
+    finally:
+        f.close()
+    assert len(ahead) == 120
+    assert max(ahead) <= 2 * 2 + 1  # the window, plus the item being read
+
+
+def echo_item(item: int) -> int:
+    return item

@@ -61,9 +61,29 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from opero.errors import MissingExtraError
+from opero.errors import MissingExtraError, WorkerCrashedError
 
-__all__ = ["Backend", "backend_class", "backend_names", "register_backend", "settle_future"]
+__all__ = [
+    "Backend",
+    "ChunkCrashedError",
+    "backend_class",
+    "backend_names",
+    "register_backend",
+    "settle_future",
+]
+
+
+class ChunkCrashedError(WorkerCrashedError):
+    """A worker died while it ran a chunk of items. ``done`` holds the outcomes of the chunk's
+    first items, which it had sent (values, and errors by offset); ``running`` is the offset of
+    the item it was running, or -1 when that is not known."""
+
+    def __init__(
+        self, message: str, done: tuple[list[Any], dict[int, BaseException]], running: int
+    ) -> None:
+        super().__init__(message)
+        self.done = done
+        self.running = running
 
 
 def settle_future(future: Future[Any], ok: bool, value: object) -> None:

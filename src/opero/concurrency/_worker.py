@@ -6,7 +6,8 @@ Wire format on the pipe (one message per ``send_bytes``):
 - parent -> worker ``b"C" + task(8) + key(8) + cloudpickle((args, kwargs))``: run a call.
 - parent -> worker ``b""``: exit when idle.
 - worker -> parent ``task(8) + status(1) + cloudpickle(value)``; status ``b"1"`` is a return value,
-  ``b"0"`` an exception that survived a pickle round trip (else a RemoteError in its place).
+  ``b"0"`` an exception that survived a pickle round trip (else a RemoteError in its place), and
+  ``b"P"`` a piece of a chunk's outcomes sent ahead of its return value (:func:`call_chunk`).
 """
 
 from __future__ import annotations
@@ -72,21 +73,78 @@ def dumps(value: object) -> bytes:
         return data
 
 
-def call_chunk(
-    fn: Callable[..., Any], items: list[Any], kwargs: dict[str, Any]
-) -> tuple[list[Any], dict[int, BaseException]]:
+Piece = tuple[list[Any], dict[int, BaseException]]
+
+# Seconds of work after which a chunk sends the outcomes it has so far: if its worker dies, only
+# the item it was running fails, and at most this much finished work is lost and run again.
+FLUSH_EVERY = 0.01
+
+
+class _Hooks:
+    """What a process-mode worker lends :func:`call_chunk` for the call it is running (both
+    ``None`` elsewhere, for example on Ray or Dask workers)."""
+
+    # a shared one-slot array: the offset in the chunk of the item running now, -1 between calls
+    progress: Any = None
+    # sends a piece of the chunk's outcomes to the parent now; False when they cannot be pickled
+    report: Callable[[Piece], bool] | None = None
+
+
+def call_chunk(fn: Callable[..., Any], items: list[Any], kwargs: dict[str, Any]) -> Piece:
     """Run ``fn(item, **kwargs)`` for a chunk of items: the values (``None`` where an item
-    failed) and ``{offset: exception}``, which pickle faster than one tuple per item."""
+    failed) and ``{offset: exception}``, which pickle faster than one tuple per item. In a
+    process-mode worker the first items' outcomes may go ahead in pieces (:func:`join_pieces`);
+    the return value is then the rest."""
     values: list[Any] = []
     errors: dict[int, BaseException] = {}
     append = values.append
+    progress, report = _Hooks.progress, _Hooks.report
+    base = 0  # offset in the chunk of values[0]
+    # The clock is read after every item while items are slow, and up to every 256th item
+    # (about a millisecond) while they are fast: reading it per item would add a third to a
+    # trivial item's cost.
+    check, stride = 0, 1
+    last = looked = time.perf_counter()
     for offset, item in enumerate(items):
+        if progress is not None:
+            progress[0] = offset
         try:
             append(fn(item, **kwargs))
-        except Exception as exc:  # noqa: PERF203 - one try per item is the point
+        except Exception as exc:
             append(None)
-            errors[offset] = portable_exception(exc)
+            errors[offset - base] = portable_exception(exc)
+        if report is not None and offset >= check:
+            now = time.perf_counter()
+            stride = min(2 * stride, 256) if now - looked < 0.001 else 1
+            check, looked = offset + stride, now
+            if now - last >= FLUSH_EVERY:
+                if report((values, errors)):
+                    base = offset + 1
+                    values, errors = [], {}
+                    append = values.append
+                last = now
     return values, errors
+
+
+def join_pieces(pieces: list[Piece]) -> Piece:
+    """One chunk's outcomes from the pieces it sent, in order."""
+    values: list[Any] = []
+    errors: dict[int, BaseException] = {}
+    for piece_values, piece_errors in pieces:
+        base = len(values)
+        values += piece_values
+        for offset, exc in piece_errors.items():
+            errors[base + offset] = exc
+    return values, errors
+
+
+def _send_piece(send: Callable[[bytes], None], task: int, piece: Piece) -> bool:
+    try:
+        data = dumps(piece)
+    except Exception:  # the final outcome reports it, for the whole chunk
+        return False
+    send(ID.pack(task) + b"P" + data)
+    return True
 
 
 def _watch_parent(parent: int) -> None:
@@ -102,9 +160,10 @@ def _watch_parent(parent: int) -> None:
             pass
 
 
-def main(conn: Any, concurrency: int, parent: int) -> None:
+def main(conn: Any, concurrency: int, parent: int, progress: Any = None) -> None:
     """A worker's loop: read calls, run them, send outcomes. ``concurrency > 1`` runs that many
-    calls at once on an event loop (``mode="async_process"``)."""
+    calls at once on an event loop (``mode="async_process"``); ``progress`` (one call at a time
+    only) is where :func:`call_chunk` records the item it runs."""
     # Ctrl-C goes to the whole process group; the parent decides what stops, not each worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
@@ -115,6 +174,8 @@ def main(conn: Any, concurrency: int, parent: int) -> None:
         with send_lock:
             conn.send_bytes(data)
 
+    # A memoryview writes the shared slot faster than the ctypes array it views.
+    slot = None if progress is None else memoryview(progress).cast("B").cast("q")
     loop: asyncio.AbstractEventLoop | None = None
     if concurrency > 1:
         loop = asyncio.new_event_loop()
@@ -136,12 +197,19 @@ def main(conn: Any, concurrency: int, parent: int) -> None:
                 functions[key] = functools.partial(_reraise, exc)
             continue
         task, key = struct.unpack_from("!QQ", data, 1)
+        if progress is not None:
+            _Hooks.progress = slot
+            _Hooks.report = functools.partial(_send_piece, send, task)
         try:
             args, kwargs = pickle.loads(data[17:])
             result = functions[key](*args, **kwargs)
         except Exception as exc:
             send(encode_outcome(task, False, exc))
             continue
+        finally:
+            if slot is not None:
+                slot[0] = -1  # before the outcome goes: a death after it blames no item
+                _Hooks.report = None
         if not inspect.iscoroutine(result):
             send(encode_outcome(task, True, result))
         elif loop is None:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import cloudpickle
 
-from opero.concurrency import Backend, _worker, settle_future
+from opero.concurrency import Backend, ChunkCrashedError, _worker, settle_future
 from opero.errors import RemoteError, WorkerCrashedError
 
 _CALL = struct.Struct("!QQ")
@@ -65,7 +65,7 @@ def _preload_worker(ctx: Any) -> None:
 
 
 class _Task:
-    __slots__ = ("future", "id", "key", "payload", "started")
+    __slots__ = ("future", "id", "key", "payload", "pieces", "started")
 
     def __init__(self, task_id: int, future: Future[Any], key: int, payload: bytes) -> None:
         self.id = task_id
@@ -73,14 +73,16 @@ class _Task:
         self.key = key
         self.payload = payload
         self.started = False
+        self.pieces: list[_worker.Piece] = []  # a chunk's outcomes sent ahead of its return
 
 
 class _Worker:
-    __slots__ = ("broken", "conn", "functions", "proc", "tasks")
+    __slots__ = ("broken", "conn", "functions", "proc", "progress", "tasks")
 
-    def __init__(self, proc: Any, conn: Any) -> None:
+    def __init__(self, proc: Any, conn: Any, progress: Any) -> None:
         self.proc = proc
         self.conn = conn
+        self.progress = progress  # the chunk item it runs (None: several calls at once)
         self.tasks: dict[int, _Task] = {}  # in the order sent, so the first one is running
         self.functions: set[int] = set()
         self.broken = False
@@ -216,14 +218,20 @@ class ProcessBackend(Backend):
         missing = min(len(self._pending), self.workers - running) - idle
         while missing > 0 and len(self._workers) < self._processes:
             parent_end, child_end = self._ctx.Pipe()
+            progress = None if self.concurrent_calls else self._ctx.RawArray("q", [-1])
             proc = self._ctx.Process(
                 target=_worker.main,
-                args=(child_end, self._capacity if self.concurrent_calls else 1, os.getpid()),
+                args=(
+                    child_end,
+                    self._capacity if self.concurrent_calls else 1,
+                    os.getpid(),
+                    progress,
+                ),
                 name="opero-worker",
             )
             proc.start()
             child_end.close()
-            self._workers.append(_Worker(proc, parent_end))
+            self._workers.append(_Worker(proc, parent_end, progress))
             missing -= 1
 
     def _dispatch(self) -> None:
@@ -276,7 +284,8 @@ class ProcessBackend(Backend):
                 w.broken = True
                 return
             (task_id,) = _worker.ID.unpack_from(data, 0)
-            task = w.tasks.pop(task_id, None)
+            status = data[8:9]
+            task = w.tasks.get(task_id) if status == b"P" else w.tasks.pop(task_id, None)
             if task is None:  # pragma: no cover - outcome of a task already failed
                 continue
             try:
@@ -285,7 +294,12 @@ class ProcessBackend(Backend):
                 value = RemoteError(type(exc).__qualname__, f"cannot unpickle the outcome: {exc}")
                 ok = False
             else:
-                ok = data[8:9] == b"1"
+                ok = status == b"1"
+                if status == b"P":
+                    task.pieces.append(value)
+                    continue
+                if ok and task.pieces:
+                    value = _worker.join_pieces([*task.pieces, value])
             settle_future(task.future, ok, value)
 
     def _bury(self, w: _Worker) -> None:
@@ -293,15 +307,19 @@ class ProcessBackend(Backend):
         w.proc.join(timeout=1)
         self._workers.remove(w)
         w.conn.close()
+        running = -1 if w.progress is None else w.progress[0]
         for task in w.tasks.values():
-            settle_future(
-                task.future,
-                False,
-                WorkerCrashedError(
-                    f"worker process {w.proc.pid} died (exit code {w.proc.exitcode}) "
-                    "while running this item"
-                ),
+            message = (
+                f"worker process {w.proc.pid} died (exit code {w.proc.exitcode}) "
+                "while running this item"
             )
+            if task.pieces or running >= 0:
+                exc: WorkerCrashedError = ChunkCrashedError(
+                    message, _worker.join_pieces(task.pieces), running
+                )
+            else:
+                exc = WorkerCrashedError(message)
+            settle_future(task.future, False, exc)
 
     def _shutdown(self) -> None:
         with self._lock:

@@ -31,7 +31,7 @@ from typing import Any, Concatenate, Generic, Literal, Protocol, TypeVar, overlo
 from opero._chain import Chain, Limiter, Options, build_chain
 from opero._clock import clock
 from opero._engine import run_async
-from opero.concurrency import Backend, backend_class
+from opero.concurrency import Backend, ChunkCrashedError, backend_class
 from opero.decorators.opero import check_function, is_async_function
 from opero.errors import MissingExtraError, OpmapError, WorkerCrashedError
 
@@ -46,6 +46,7 @@ Outcome = tuple[int, bool, Any]
 
 _LIST_WINDOW = 1024  # items in flight for a call that returns a list (a stream keeps 2 x workers)
 _MAX_CHUNK = 2048
+_FILL_TIME = 0.002  # seconds a stream's chunk waits for its input before it goes out short
 _NOTHING: list[Outcome] = []  # shared, never mutated: "no outcome ready yet"
 
 
@@ -532,7 +533,7 @@ def _outcomes_sync(owner: _Base[Any, Any], run: _Run, kwargs: dict[str, Any]) ->
         if chunks is None:
             return run.room(len(in_flight))
         if run.streaming:  # a stream's window counts items, so its input is read lazily
-            return run.room(len(in_flight) * chunks.size)
+            return run.room(sum(len(entry[2]) for entry in in_flight.values()))
         # A list holds every result anyway: two chunks per worker keep each one busy with the
         # next chunk ready (counting items, a chunk above the window would run alone).
         return len(in_flight) < 2 * pool.workers
@@ -558,6 +559,45 @@ def _outcomes_sync(owner: _Base[Any, Any], run: _Run, kwargs: dict[str, Any]) ->
     def retryable(exc: BaseException) -> bool:
         return owner._retries_only and retry.should_retry(exc, 1)
 
+    def chunk_done(
+        first: int, items: list[Any], values: list[Any], errors: dict[int, BaseException]
+    ) -> list[Outcome]:
+        """The outcomes of a chunk's first ``len(values)`` items; an item that failed with a
+        retryable error continues through its chain instead."""
+        if not errors or not owner._retries_only:
+            return run.finished_chunk(first, values, errors)
+        ready: list[Outcome] = []
+        for offset, value in enumerate(values):
+            error = errors.get(offset)
+            if error is None:
+                ready += run.finished(first + offset, True, value)
+            elif retryable(error):
+                chained(first + offset, items[offset], error)
+            else:
+                ready += run.finished(first + offset, False, error)
+        return ready
+
+    def crashed_chunk(first: int, items: list[Any], exc: WorkerCrashedError) -> list[Outcome]:
+        """A chunk's worker died. The items whose outcomes it had sent keep them; the item it
+        was running fails as one crashed item would (retried if ``retry_on`` covers it); the
+        others run again one by one. When the running item is not known, all of them run again,
+        so that only the one that kills its worker fails."""
+        done: tuple[list[Any], dict[int, BaseException]] = ([], {})
+        running = -1
+        if isinstance(exc, ChunkCrashedError):
+            done, running = exc.done, exc.running
+        ready = chunk_done(first, items, *done) if done[0] else []
+        for offset in range(len(done[0]), len(items)):
+            if offset != running:
+                send(first + offset, items[offset])
+                continue
+            crash = WorkerCrashedError(str(exc))
+            if retryable(crash):
+                chained(first + offset, items[offset], crash)
+            else:
+                ready += run.failed(first + offset, 1, crash)
+        return ready
+
     abort = True
     try:
         exhausted = False
@@ -570,7 +610,7 @@ def _outcomes_sync(owner: _Base[Any, Any], run: _Run, kwargs: dict[str, Any]) ->
                         break
                     (send if direct else chained)(*entry)
                     continue
-                batch = list(itertools.islice(run.items, chunks.size))
+                batch = chunks.fill(run.items, run.streaming)
                 if not batch:
                     exhausted = True
                     break
@@ -590,32 +630,18 @@ def _outcomes_sync(owner: _Base[Any, Any], run: _Run, kwargs: dict[str, Any]) ->
                 value = future.result()
             except BaseException as exc:
                 if kind == _CHUNK and isinstance(exc, WorkerCrashedError) and len(items) > 1:
-                    # One item of the chunk killed its worker: run the chunk's items one by one
-                    # so that only that item fails (items finished before the crash run again).
-                    for offset, item in enumerate(items):
-                        send(first + offset, item)
-                    continue
-                if kind != _CHAIN and retryable(exc):
+                    ready = crashed_chunk(first, items, exc)
+                elif kind != _CHAIN and retryable(exc):
                     for offset, item in enumerate(items):
                         chained(first + offset, item, exc)
                     continue
-                ready = run.failed(first, len(items), exc)
+                else:
+                    ready = run.failed(first, len(items), exc)
             else:
                 if kind != _CHUNK:
                     ready = run.finished(first, True, value)
-                elif not value[1] or not owner._retries_only:
-                    ready = run.finished_chunk(first, *value)
                 else:
-                    values, errors = value
-                    ready = []
-                    for offset, item in enumerate(items):
-                        error = errors.get(offset)
-                        if error is None:
-                            ready += run.finished(first + offset, True, values[offset])
-                        elif retryable(error):
-                            chained(first + offset, item, error)
-                        else:
-                            ready += run.finished(first + offset, False, error)
+                    ready = chunk_done(first, items, *value)
             if ready:
                 yield from ready
         abort = False
@@ -729,6 +755,20 @@ class _Chunks:
             self.size = 1
             self._adaptive = True
         self._sent: dict[Future[Any], float] = {}
+
+    def fill(self, items: Iterator[tuple[int, Any]], streaming: bool) -> list[tuple[int, Any]]:
+        """The next chunk: ``size`` items, or for a stream those its input gave within
+        :data:`_FILL_TIME`, so that a stream of a slow source (a queue, a socket) never holds
+        items back while it waits for a full chunk."""
+        if not streaming:
+            return list(itertools.islice(items, self.size))
+        batch: list[tuple[int, Any]] = []
+        deadline = time.perf_counter() + _FILL_TIME
+        for entry in items:
+            batch.append(entry)
+            if len(batch) >= self.size or time.perf_counter() > deadline:
+                break
+        return batch
 
     def sent(self, future: Future[Any]) -> None:
         if self._adaptive:
