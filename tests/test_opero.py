@@ -7,11 +7,12 @@ import functools
 import inspect
 import math
 import sys
+from typing import Any
 
 import pytest
 
 import opero as opero_pkg
-from opero import FallbackError, opero
+from opero import FallbackError, opero, opmap
 from opero.errors import MissingExtraError
 from opero.testing import fake_time
 
@@ -38,6 +39,15 @@ def test_unknown_option_is_a_type_error():
 def test_options_are_keyword_only():
     with pytest.raises(TypeError):
         opero(3)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("decorator", [opero, opmap])
+def test_a_bare_decorator_says_to_add_parentheses(decorator: Any) -> None:
+    def f(x: int) -> int:
+        return x
+
+    with pytest.raises(TypeError, match=rf"write @{decorator.__name__}\(\.\.\.\) with parentheses"):
+        decorator(f)
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,8 @@ _NOTHING: list[Outcome] = []  # shared, never mutated: "no outcome ready yet"
 
 
 def opmap(
+    _func: None = None,
+    /,
     *,
     mode: Mode | str = "thread",
     workers: int = 4,
@@ -95,6 +97,11 @@ def opmap(
     in place of its result. ``progress=True`` shows a tqdm bar. Impossible values raise
     ``ValueError`` naming the option when decorating.
     """
+    if _func is not None:
+        raise TypeError(
+            "write @opmap(...) with parentheses: opmap takes keyword-only options, "
+            f"got {_func!r} as a positional argument"
+        )
     opts = Options(
         retries=retries,
         backoff_factor=backoff_factor,
