@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -163,16 +164,10 @@ def test_a_crash_is_retried_when_retry_on_covers_it(kind: str, mode: str, tmp_pa
         f.close()
 
 
-@pytest.mark.parametrize(
-    ("kind", "mode"),
-    [
-        ("sync", "process"),
-        ("sync", "pathos"),
-        ("async", "async_process"),
-        ("async", "aiomultiprocess"),
-    ],
-)
-def test_an_unpicklable_exception_arrives_as_remote_error(kind: str, mode: str) -> None:
+@pytest.mark.parametrize(("kind", "mode"), CRASH_MODES, ids=[m for _, m in CRASH_MODES])
+def test_an_exception_whose_constructor_cannot_take_its_args_back_arrives_as_itself(
+    kind: str, mode: str
+) -> None:
     f = opmap(mode=mode, workers=2)(_fn(kind, raise_unpicklable, araise_unpicklable))
     try:
         with pytest.raises(OpmapError) as info:
@@ -180,16 +175,78 @@ def test_an_unpicklable_exception_arrives_as_remote_error(kind: str, mode: str) 
     finally:
         f.close()
     err = info.value.errors[1]
-    if mode == "pathos" and isinstance(err, Unpicklable):
-        # dill can rebuild some exceptions pickle cannot (depending on dill's settings, which
-        # other libraries change): then the original itself arrives, which is better still.
-        assert str(err) == "bad/1"
-    else:
-        assert isinstance(err, RemoteError)
-        assert err.type_name.endswith("Unpicklable")
-        assert err.message == "bad/1"
+    assert type(err) is Unpicklable  # so retry_on and except clauses still match it
+    assert str(err) == "bad/1"
+    assert err.args == ("bad/1",)
     assert info.value.results[0] == 0
     assert info.value.results[2] == 2
+
+
+class HoldsALock(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_holding_a_lock(item: int) -> int:
+    raise HoldsALock(f"no {item}")
+
+
+async def araise_holding_a_lock(item: int) -> int:
+    return raise_holding_a_lock(item)
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode"),
+    [("sync", "process"), ("async", "async_process"), ("async", "aiomultiprocess")],
+)
+def test_an_exception_that_cannot_travel_arrives_as_remote_error(kind: str, mode: str) -> None:
+    f = opmap(mode=mode, workers=2, on_error="return")(
+        _fn(kind, raise_holding_a_lock, araise_holding_a_lock)
+    )
+    try:
+        [err] = run(f, [7])
+    finally:
+        f.close()
+    assert isinstance(err, RemoteError)
+    assert err.type_name.endswith("HoldsALock")
+    assert err.message == "no 7"
+    assert "raise_holding_a_lock" in err.remote_traceback
+
+
+def fail_first_time(item: int, folder: str) -> int:
+    flag = Path(folder, str(item))
+    if not flag.exists():
+        flag.touch()
+        raise Unpicklable("busy", item)
+    return item
+
+
+def test_retry_on_matches_an_exception_rebuilt_in_the_caller(tmp_path: Path) -> None:
+    f = opmap(mode="process", workers=2, retries=1, min_delay=0.01, retry_on=Unpicklable)(
+        fail_first_time
+    )
+    try:
+        assert f(range(6), folder=str(tmp_path)) == list(range(6))
+    finally:
+        f.close()
+
+
+def raise_in_user_code(item: int) -> int:
+    raise ValueError(f"bad {item}")
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_the_worker_traceback_comes_with_the_exception() -> None:
+    f = opmap(mode="process", workers=1, on_error="return")(raise_in_user_code)
+    try:
+        [err] = f([1])
+    finally:
+        f.close()
+    assert isinstance(err, ValueError)
+    [note] = err.__notes__
+    assert "Traceback in the worker process" in note
+    assert 'raise ValueError(f"bad {item}")' in note
 
 
 def test_original_exception_type_crosses_the_process_boundary() -> None:

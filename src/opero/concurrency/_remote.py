@@ -33,7 +33,7 @@ from concurrent.futures import CancelledError, Future
 from typing import Any, ClassVar
 
 from opero.concurrency import Backend, settle_future
-from opero.concurrency._worker import portable_exception
+from opero.concurrency._portable import portable_exception
 from opero.errors import OperoError, RemoteError
 
 try:

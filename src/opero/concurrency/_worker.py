@@ -21,33 +21,15 @@ import signal
 import struct
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
+from opero.concurrency._portable import portable_exception
 from opero.errors import RemoteError
 
 ID = struct.Struct("!Q")
-
-
-def portable_exception(
-    exc: BaseException, dumps: Callable[[object], bytes] = cloudpickle.dumps
-) -> BaseException:
-    """``exc`` itself when it survives pickling (with ``dumps``), else a RemoteError naming its
-    type and message."""
-    try:
-        pickle.loads(dumps(exc))
-    except Exception:
-        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        try:
-            message = str(exc)
-        except Exception:
-            message = "<str() failed>"
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return RemoteError(name, message, tb)
-    return exc
 
 
 def encode_outcome(task: int, ok: bool, value: object) -> bytes:
@@ -60,7 +42,7 @@ def encode_outcome(task: int, ok: bool, value: object) -> bytes:
             )
         return ID.pack(task) + b"0" + dumps(value)
     assert isinstance(value, BaseException)
-    return ID.pack(task) + b"0" + dumps(portable_exception(value))
+    return ID.pack(task) + b"0" + dumps(portable_exception(value, cloudpickle.dumps))
 
 
 def dumps(value: object) -> bytes:
@@ -112,7 +94,7 @@ def call_chunk(fn: Callable[..., Any], items: list[Any], kwargs: dict[str, Any])
             append(fn(item, **kwargs))
         except Exception as exc:
             append(None)
-            errors[offset - base] = portable_exception(exc)
+            errors[offset - base] = portable_exception(exc, cloudpickle.dumps)
         if report is not None and offset >= check:
             now = time.perf_counter()
             stride = min(2 * stride, 256) if now - looked < 0.001 else 1

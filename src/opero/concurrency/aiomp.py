@@ -25,7 +25,7 @@ import aiomultiprocess
 import cloudpickle
 
 from opero.concurrency import Backend
-from opero.concurrency._worker import portable_exception
+from opero.concurrency._portable import portable_exception
 from opero.errors import RemoteError, WorkerCrashedError
 
 
@@ -37,7 +37,7 @@ async def _ainvoke(payload: bytes) -> bytes:
         if inspect.iscoroutine(value):
             value = await value
     except Exception as exc:
-        data: bytes = cloudpickle.dumps((False, portable_exception(exc)))
+        data: bytes = cloudpickle.dumps((False, portable_exception(exc, cloudpickle.dumps)))
         return data
     try:
         data = cloudpickle.dumps((True, value))

@@ -22,7 +22,6 @@ import itertools
 import os
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, wait
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import multiprocess
 from pathos.pools import ProcessPool
 
 from opero.concurrency import Backend, settle_future
+from opero.concurrency._portable import portable_exception
 from opero.errors import RemoteError, WorkerCrashedError
 
 _ids = itertools.count()
@@ -64,15 +64,7 @@ def _invoke(
         if inspect.iscoroutine(value):
             value = asyncio.run(value)
     except Exception as exc:
-        try:
-            dill.loads(dill.dumps(exc))
-        except Exception:
-            exc = RemoteError(
-                f"{type(exc).__module__}.{type(exc).__qualname__}",
-                str(exc),
-                "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-            )
-        data: bytes = dill.dumps((False, exc))
+        data: bytes = dill.dumps((False, portable_exception(exc, dill.dumps)))
         return data
     try:
         data = dill.dumps((True, value))

@@ -1,0 +1,66 @@
+"""Exceptions that cross a process boundary as themselves, with the worker's traceback.
+
+Used by every backend whose workers are other processes, each with its own pickler (cloudpickle,
+dill, Ray's). No pickler is imported here, so that each extra needs only its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from opero.errors import RemoteError
+
+
+def portable_exception(exc: BaseException, dumps: Callable[[object], bytes]) -> BaseException:
+    """``exc``, made to cross a process boundary (with ``dumps``) as itself where it can.
+
+    The worker's traceback goes with it as a note (shown under the exception in the caller, as
+    ``ProcessPoolExecutor`` does with its remote traceback). An exception whose constructor
+    cannot take back its ``args`` (``def __init__(self, status, message)``, a common pattern)
+    is re-created in the caller without calling it, so ``retry_on`` and ``except`` still see its
+    type. Only one that cannot cross even so arrives as a RemoteError naming its type and
+    message.
+    """
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note(f"Traceback in the worker process:\n{tb.rstrip()}")
+    if _survives(exc, dumps):
+        return exc
+    state = dict(vars(exc))
+    # pickle asks the object itself for __reduce_ex__, so this instance alone pickles this way
+    exc.__reduce_ex__ = functools.partial(_reduce_without_init, type(exc), exc.args, state)  # type: ignore[method-assign]
+    if _survives(exc, dumps):
+        return exc
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() failed>"
+    return RemoteError(name, message, tb)
+
+
+def _survives(exc: BaseException, dumps: Callable[[object], bytes]) -> bool:
+    try:
+        pickle.loads(dumps(exc))
+    except Exception:
+        return False
+    return True
+
+
+def _reduce_without_init(
+    cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any], protocol: object
+) -> tuple[Any, ...]:
+    return (_rebuild_exception, (cls, args, state))
+
+
+def _rebuild_exception(
+    cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]
+) -> BaseException:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
