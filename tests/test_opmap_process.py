@@ -787,3 +787,45 @@ def test_a_stream_of_a_slow_source_does_not_wait_for_full_chunks() -> None:
 
 def echo_item(item: int) -> int:
     return item
+
+
+def exit_once_logged(item: int, folder: str) -> int:
+    Path(folder, f"{item}-{uuid.uuid4().hex}").touch()
+    sys.exit(3)
+
+
+async def aexit_once_logged(item: int, folder: str) -> int:
+    return exit_once_logged(item, folder)
+
+
+def test_sys_exit_in_an_item_is_its_outcome_and_never_retried(tmp_path: Path) -> None:
+    # retries alone: first attempts go in chunks and come back as outcomes, as in a thread
+    f = opmap(mode="process", workers=2, retries=2, min_delay=0.01, on_error="return")(
+        exit_once_logged
+    )
+    try:
+        out = f([1, 2], folder=str(tmp_path))
+    finally:
+        f.close()
+    assert [type(e) for e in out] == [SystemExit, SystemExit]
+    assert [e.code for e in out] == [3, 3]
+    assert len(list(tmp_path.iterdir())) == 2  # one attempt each, not a crashed worker retried
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode"), [("sync", "process"), ("async", "async_process")], ids=["process", "async"]
+)
+def test_sys_exit_in_an_item_with_a_chain_ends_the_map_as_in_a_thread(
+    kind: str, mode: str, tmp_path: Path
+) -> None:
+    f = opmap(mode=mode, workers=1, retries=2, min_delay=0.01, cache=True, on_error="return")(
+        _fn(kind, exit_once_logged, aexit_once_logged)
+    )
+    try:
+        with pytest.raises(SystemExit):
+            run(f, [1, 2], folder=str(tmp_path))
+    finally:
+        f.close()
+    runs = [path.name.split("-")[0] for path in tmp_path.iterdir()]
+    assert "1" in runs
+    assert len(runs) == len(set(runs))  # never retried (the second item may have started)

@@ -92,7 +92,9 @@ def call_chunk(fn: Callable[..., Any], items: list[Any], kwargs: dict[str, Any])
             progress[0] = offset
         try:
             append(fn(item, **kwargs))
-        except Exception as exc:
+        # sys.exit() in an item is its outcome, as in a thread; a KeyboardInterrupt (an engine
+        # cancelling its task) ends the chunk
+        except (Exception, SystemExit) as exc:
             append(None)
             errors[offset - base] = portable_exception(exc, cloudpickle.dumps)
         if report is not None and offset >= check:
@@ -185,7 +187,9 @@ def main(conn: Any, concurrency: int, parent: int, progress: Any = None) -> None
         try:
             args, kwargs = pickle.loads(data[17:])
             result = functions[key](*args, **kwargs)
-        except Exception as exc:
+        # SystemExit or KeyboardInterrupt raised by the user's code is that call's outcome, as
+        # in a thread: it is not retried, and the worker stays (it ignores real Ctrl-C anyway)
+        except BaseException as exc:
             send(encode_outcome(task, False, exc))
             continue
         finally:
@@ -197,7 +201,7 @@ def main(conn: Any, concurrency: int, parent: int, progress: Any = None) -> None
         elif loop is None:
             try:
                 value = asyncio.run(result)
-            except Exception as exc:
+            except BaseException as exc:
                 send(encode_outcome(task, False, exc))
             else:
                 send(encode_outcome(task, True, value))
