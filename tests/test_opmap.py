@@ -221,6 +221,38 @@ def test_pool_is_reused_and_close_releases_it(case: Any) -> None:
     assert call(f, [4]) == [(4, "")]
 
 
+def test_close_while_a_stream_runs_lets_it_go_on_then_releases_its_pool(case: Any) -> None:
+    f = case(echo, workers=2)
+    stream = f.stream(itertools.count())
+    seen: dict[str, Any] = {}
+
+    def middle() -> None:  # close() returns at once: the stream still uses the pool
+        seen["pool"] = f._pool
+        f.close()
+        seen["detached"] = f._pool is None
+
+    if hasattr(stream, "__anext__"):
+
+        async def main() -> list[Any]:
+            out = [await stream.__anext__() for _ in range(5)]
+            middle()
+            out += [await stream.__anext__() for _ in range(5)]
+            await stream.aclose()
+            return out
+
+        out = asyncio.run(main())
+    else:
+        out = [next(stream) for _ in range(5)]
+        middle()
+        out += [next(stream) for _ in range(5)]
+        stream.close()
+    assert out == [(i, "") for i in range(10)]
+    assert seen["detached"]
+    assert seen["pool"] not in f._users  # released when the stream ended
+    assert call(f, [1]) == [(1, "")]  # on a new pool
+    assert f._pool is not seen["pool"]
+
+
 # -- rules that do not depend on the backend ----------------------------------------------------
 
 

@@ -17,6 +17,7 @@ functions by :func:`_outcomes_async` on the caller's loop. The two are the same 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -24,7 +25,15 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sized
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sized,
+)
 from concurrent.futures import Future
 from typing import Any, Concatenate, Generic, Literal, Protocol, TypeVar, overload
 
@@ -234,7 +243,7 @@ class _Base(Generic[T, R]):
         self._settings = settings
         self._lock = threading.Lock()
         self._pool: Backend | None = None
-        self._active = 0
+        self._users: dict[Backend, int] = {}  # calls running on each pool
         bare = chain.cache is None and chain.fallback is None and chain.limiter is None
         self._plain = bare and chain.retry.attempts == 1
         # A chain of retries alone: the first attempt can go straight to the pool like a plain
@@ -259,26 +268,33 @@ class _Base(Generic[T, R]):
         with self._lock:
             if self._pool is None:
                 self._pool = self._settings.new_backend()
-            self._active += 1
-            return self._pool
+            pool = self._pool
+            self._users[pool] = self._users.get(pool, 0) + 1
+            return pool
 
     def _release(self, pool: Backend, *, abort: bool) -> None:
-        # An interrupted or cancelled map terminates its workers, unless another call of this
-        # function still uses them; the next call starts a fresh pool.
+        # The last call on a pool closes it when close() let go of it meanwhile. An interrupted
+        # or cancelled map terminates its workers, unless another call still uses them; the next
+        # call then starts a fresh pool.
         with self._lock:
-            self._active -= 1
-            kill = abort and self._active == 0 and self._pool is pool
-            if kill:
+            left = self._users.pop(pool) - 1
+            if left:
+                self._users[pool] = left
+                return
+            if abort and self._pool is pool:
                 self._pool = None
-        if kill:
-            pool.close(cancel=True)
+            elif self._pool is pool:
+                return
+        pool.close(cancel=abort)
 
     def close(self) -> None:
-        """Release this function's workers (the next call starts new ones)."""
+        """Release this function's workers (the next call starts new ones). A call still running
+        (a stream another thread reads, say) keeps them until it ends."""
         with self._lock:
             pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
+            if pool is None or pool in self._users:
+                return
+        pool.close()
 
     def __enter__(self) -> Any:
         return self
@@ -502,9 +518,12 @@ class AsyncOpmap(_Base[T, R]):
         return self._stream(run, kwargs)
 
     async def _stream(self, run: _Run, kwargs: dict[str, Any]) -> AsyncIterator[R]:
+        # Closed explicitly: an async generator left to the garbage collector is finalised only
+        # by its loop, later, so its items and pool would stay busy after the stream ended.
         try:
-            async for outcome in _outcomes_async(self, run, kwargs):
-                yield run.streamed(outcome)
+            async with contextlib.aclosing(_outcomes_async(self, run, kwargs)) as outcomes:
+                async for outcome in outcomes:
+                    yield run.streamed(outcome)
         finally:
             run.close()
 
@@ -679,7 +698,7 @@ def _failed_once(exc: BaseException, call: Callable[..., Any]) -> Callable[..., 
 
 async def _outcomes_async(
     owner: _Base[Any, Any], run: _Run, kwargs: dict[str, Any]
-) -> AsyncIterator[Outcome]:
+) -> AsyncGenerator[Outcome, None]:
     """:func:`_outcomes_sync` on the caller's event loop."""
     pool = owner._acquire()
     loop = asyncio.get_running_loop()
