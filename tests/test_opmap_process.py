@@ -798,34 +798,40 @@ async def aexit_once_logged(item: int, folder: str) -> int:
     return exit_once_logged(item, folder)
 
 
-def test_sys_exit_in_an_item_is_its_outcome_and_never_retried(tmp_path: Path) -> None:
-    # retries alone: first attempts go in chunks and come back as outcomes, as in a thread
-    f = opmap(mode="process", workers=2, retries=2, min_delay=0.01, on_error="return")(
-        exit_once_logged
+SYS_EXIT_CASES = [
+    ("sync", "process", {}),  # first attempts in chunks, on the worker
+    ("sync", "process", {"cache": True}),  # a chain per item, on a helper loop
+    ("sync", "thread", {"cache": True}),
+    ("async", "async_process", {}),
+    ("async", "async", {"cache": True}),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode", "options"),
+    SYS_EXIT_CASES,
+    ids=["process", "process-chain", "thread-chain", "async_process", "async-chain"],
+)
+@pytest.mark.parametrize("streaming", [False, True], ids=["list", "stream"])
+def test_sys_exit_in_an_item_is_its_outcome_and_never_retried(
+    kind: str, mode: str, options: dict[str, Any], streaming: bool, tmp_path: Path
+) -> None:
+    f = opmap(mode=mode, workers=2, retries=2, min_delay=0.01, on_error="return", **options)(
+        _fn(kind, exit_once_logged, aexit_once_logged)
     )
     try:
-        out = f([1, 2], folder=str(tmp_path))
+        if not streaming:
+            out = run(f, [1, 2], folder=str(tmp_path))
+        elif kind == "sync":
+            out = list(f.stream([1, 2], folder=str(tmp_path)))
+        else:
+
+            async def collect() -> list[Any]:
+                return [r async for r in f.stream([1, 2], folder=str(tmp_path))]
+
+            out = asyncio.run(collect())
     finally:
         f.close()
     assert [type(e) for e in out] == [SystemExit, SystemExit]
     assert [e.code for e in out] == [3, 3]
-    assert len(list(tmp_path.iterdir())) == 2  # one attempt each, not a crashed worker retried
-
-
-@pytest.mark.parametrize(
-    ("kind", "mode"), [("sync", "process"), ("async", "async_process")], ids=["process", "async"]
-)
-def test_sys_exit_in_an_item_with_a_chain_ends_the_map_as_in_a_thread(
-    kind: str, mode: str, tmp_path: Path
-) -> None:
-    f = opmap(mode=mode, workers=1, retries=2, min_delay=0.01, cache=True, on_error="return")(
-        _fn(kind, exit_once_logged, aexit_once_logged)
-    )
-    try:
-        with pytest.raises(SystemExit):
-            run(f, [1, 2], folder=str(tmp_path))
-    finally:
-        f.close()
-    runs = [path.name.split("-")[0] for path in tmp_path.iterdir()]
-    assert "1" in runs
-    assert len(runs) == len(set(runs))  # never retried (the second item may have started)
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["1", "2"]  # once each

@@ -654,6 +654,8 @@ def _outcomes_sync(owner: _Base[Any, Any], run: _Run, kwargs: dict[str, Any]) ->
             ready: list[Outcome]
             try:
                 value = future.result()
+                if kind == _CHAIN:
+                    value = _unwrap(value)
             except BaseException as exc:
                 if kind == _CHUNK and isinstance(exc, WorkerCrashedError) and len(items) > 1:
                     ready = crashed_chunk(first, items, exc)
@@ -730,7 +732,7 @@ async def _outcomes_async(
                     break
                 index, item = entry
                 coro = call(item, **kwargs) if plain else run_async(chain, (item,), kwargs)
-                task = loop.create_task(coro)
+                task = loop.create_task(_contained(coro))
                 in_flight[task] = index
                 task.add_done_callback(on_done)
             if not in_flight:
@@ -741,10 +743,11 @@ async def _outcomes_async(
             batch, ready[:] = ready[:], []
             for task in batch:
                 index = in_flight.pop(task)
-                exc = task.exception() if not task.cancelled() else asyncio.CancelledError()
-                for outcome in run.finished(
-                    index, exc is None, task.result() if exc is None else exc
-                ):
+                try:
+                    value, ok = _unwrap(task.result()), True
+                except BaseException as exc:  # the item's own, or its task was cancelled
+                    value, ok = exc, False
+                for outcome in run.finished(index, ok, value):
                     yield outcome
         abort = False
     except (GeneratorExit, Exception):
@@ -823,7 +826,7 @@ def _run_blocking(main: Callable[[], Awaitable[None]]) -> None:
     try:
         future = helper.submit(main())
         try:
-            future.result()
+            _unwrap(future.result())
         except BaseException:
             future.cancel()  # e.g. KeyboardInterrupt while waiting: cancel the map on its loop
             raise
@@ -842,13 +845,40 @@ class _LoopThread:
         self._thread.start()
 
     def submit(self, coro: Any) -> Future[Any]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        """Run ``coro`` on the loop; a SystemExit or KeyboardInterrupt it raises comes back as a
+        :class:`_Raised` value (see :func:`_unwrap`)."""
+        return asyncio.run_coroutine_threadsafe(_contained(coro), self.loop)
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(_cancel_all(), self.loop).result()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+class _Raised:
+    """A SystemExit or KeyboardInterrupt that an item's code raised in a task, carried out as a
+    value, so that it is that item's outcome (as in a thread). Raised in the task, it would stop
+    the event loop; on a helper loop, before the item's future learns of it, so the map would
+    wait forever."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+async def _contained(coro: Awaitable[Any]) -> Any:
+    try:
+        return await coro
+    except (SystemExit, KeyboardInterrupt) as exc:
+        return _Raised(exc)
+
+
+def _unwrap(value: Any) -> Any:
+    if type(value) is _Raised:
+        raise value.exc
+    return value
 
 
 async def _cancel_all() -> None:
