@@ -804,13 +804,21 @@ SYS_EXIT_CASES = [
     ("sync", "thread", {"cache": True}),
     ("async", "async_process", {}),
     ("async", "async", {"cache": True}),
+    ("async", "aiomultiprocess", {}),
 ]
 
 
 @pytest.mark.parametrize(
     ("kind", "mode", "options"),
     SYS_EXIT_CASES,
-    ids=["process", "process-chain", "thread-chain", "async_process", "async-chain"],
+    ids=[
+        "process",
+        "process-chain",
+        "thread-chain",
+        "async_process",
+        "async-chain",
+        "aiomp",
+    ],
 )
 @pytest.mark.parametrize("streaming", [False, True], ids=["list", "stream"])
 def test_sys_exit_in_an_item_is_its_outcome_and_never_retried(
@@ -835,3 +843,116 @@ def test_sys_exit_in_an_item_is_its_outcome_and_never_retried(
     assert [type(e) for e in out] == [SystemExit, SystemExit]
     assert [e.code for e in out] == [3, 3]
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["1", "2"]  # once each
+
+
+class SlotsError(Exception):
+    __slots__ = ("code", "detail")
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code, self.detail = code, detail
+
+
+class DeniedError(OSError):
+    def __init__(self, path: str) -> None:
+        super().__init__(13, "Permission denied", path)
+
+
+def raise_slots_or_os_error(item: int) -> int:
+    if item:
+        raise DeniedError("/etc/x")
+    raise SlotsError(7, "bad")
+
+
+async def araise_slots_or_os_error(item: int) -> int:
+    return raise_slots_or_os_error(item)
+
+
+@pytest.mark.parametrize("mode", ["process", "async_process"])
+def test_a_rebuilt_exception_keeps_its_slots_and_os_error_fields(mode: str) -> None:
+    f = opmap(mode=mode, workers=2, on_error="return")(
+        araise_slots_or_os_error if mode == "async_process" else raise_slots_or_os_error
+    )
+    try:
+        slots, denied = run(f, [0, 1])
+    finally:
+        f.close()
+    assert type(slots) is SlotsError
+    assert (slots.code, slots.detail, str(slots)) == (7, "bad", "7: bad")
+    assert type(denied) is DeniedError
+    assert (denied.errno, denied.strerror, denied.filename) == (13, "Permission denied", "/etc/x")
+    assert str(denied) == "[Errno 13] Permission denied: '/etc/x'"
+
+
+MAIN_EXCEPTION_SCRIPT = """
+import asyncio
+import sys
+from opero import opmap
+
+class Status(Exception):
+    def __init__(self, status, message):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+def fail(x):
+    raise Status(503, "down")
+
+async def afail(x):
+    fail(x)
+
+if __name__ == "__main__":
+    f = opmap(mode=sys.argv[1], workers=1, on_error="return")(
+        afail if sys.argv[1] == "async_process" else fail
+    )
+    out = f([1])
+    [err] = asyncio.run(out) if asyncio.iscoroutine(out) else out
+    f.close()
+    print(type(err) is Status, err.status)
+"""
+
+
+@pytest.mark.parametrize("mode", ["process", "async_process"])
+def test_an_exception_class_of_the_main_script_arrives_as_itself(mode: str, tmp_path: Path) -> None:
+    script = tmp_path / "main_exception.py"
+    script.write_text(MAIN_EXCEPTION_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), mode], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "503"]
+
+
+PATHOS_SCRIPT = """
+import sys
+from opero import opmap
+
+class SlotsError(Exception):
+    __slots__ = ("code",)
+    def __init__(self, code, detail):
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+
+def fail(x):
+    if x == 1:
+        sys.exit(3)
+    raise SlotsError(7, "bad")
+
+if __name__ == "__main__":
+    f = opmap(mode="pathos", workers=1, retries=2, min_delay=0.01, on_error="return")(fail)
+    exited, slots = f([1, 2])
+    f.close()
+    print(type(exited).__name__, exited.code, type(slots).__name__, slots.code)
+"""
+
+
+def test_pathos_keeps_sys_exit_codes_and_slots_in_a_fresh_interpreter(tmp_path: Path) -> None:
+    # Run in a fresh interpreter, as a user's script is. After the Ray and Dask tests of this
+    # session, pathos workers return such exceptions without their slots or exit code (some
+    # global pickling state those engines change; not pinned down).
+    script = tmp_path / "pathos_exceptions.py"
+    script.write_text(PATHOS_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["SystemExit", "3", "SlotsError", "7"]

@@ -15,7 +15,11 @@ from typing import Any
 from opero.errors import RemoteError
 
 
-def portable_exception(exc: BaseException, dumps: Callable[[object], bytes]) -> BaseException:
+def portable_exception(
+    exc: BaseException,
+    dumps: Callable[[object], bytes],
+    loads: Callable[[bytes], object] = pickle.loads,
+) -> BaseException:
     """``exc``, made to cross a process boundary (with ``dumps``) as itself where it can.
 
     The worker's traceback goes with it as a note (shown under the exception in the caller, as
@@ -28,12 +32,12 @@ def portable_exception(exc: BaseException, dumps: Callable[[object], bytes]) -> 
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     if hasattr(exc, "add_note"):  # Python 3.11+
         exc.add_note(f"Traceback in the worker process:\n{tb.rstrip()}")
-    if _survives(exc, dumps):
+    if _survives(exc, dumps, loads):
         return exc
-    state = dict(vars(exc))
+    state = _attributes(exc)
     # pickle asks the object itself for __reduce_ex__, so this instance alone pickles this way
     exc.__reduce_ex__ = functools.partial(_reduce_without_init, type(exc), exc.args, state)  # type: ignore[method-assign]
-    if _survives(exc, dumps):
+    if _survives(exc, dumps, loads):
         return exc
     name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
@@ -43,9 +47,27 @@ def portable_exception(exc: BaseException, dumps: Callable[[object], bytes]) -> 
     return RemoteError(name, message, tb)
 
 
-def _survives(exc: BaseException, dumps: Callable[[object], bytes]) -> bool:
+def _attributes(exc: BaseException) -> dict[str, Any]:
+    """What ``__init__`` would have set: the instance's attributes, its slots, and for OSError
+    the fields its own constructor fills in (a subclass's ``__init__`` is not called again)."""
+    state = dict(vars(exc))
+    for klass in type(exc).__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(exc, name):
+                state[name] = getattr(exc, name)
+    if isinstance(exc, OSError):
+        for name in ("errno", "strerror", "filename", "filename2"):
+            if getattr(exc, name) is not None:  # a None filename2 would still show in str()
+                state[name] = getattr(exc, name)
+    return state
+
+
+def _survives(
+    exc: BaseException, dumps: Callable[[object], bytes], loads: Callable[[bytes], object]
+) -> bool:
     try:
-        pickle.loads(dumps(exc))
+        loads(dumps(exc))
     except Exception:
         return False
     return True
@@ -62,5 +84,6 @@ def _rebuild_exception(
 ) -> BaseException:
     exc = cls.__new__(cls, *args)
     exc.args = args
-    exc.__dict__.update(state)
+    for name, value in state.items():
+        setattr(exc, name, value)
     return exc

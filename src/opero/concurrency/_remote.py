@@ -82,7 +82,7 @@ def run(
         value = fn(*args, **kwargs)
         if inspect.iscoroutine(value):
             value = asyncio.run(value)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in an item is its outcome
         return fast_dumps((False, portable_exception(exc, dumps)), dumps)
     try:
         return fast_dumps((True, value), dumps)

@@ -24,7 +24,7 @@ from typing import Any
 import aiomultiprocess
 import cloudpickle
 
-from opero.concurrency import Backend
+from opero.concurrency import Backend, settle_future
 from opero.concurrency._portable import portable_exception
 from opero.errors import RemoteError, WorkerCrashedError
 
@@ -36,7 +36,7 @@ async def _ainvoke(payload: bytes) -> bytes:
         value = fn(*args, **kwargs)
         if inspect.iscoroutine(value):
             value = await value
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in an item is its outcome
         data: bytes = cloudpickle.dumps((False, portable_exception(exc, cloudpickle.dumps)))
         return data
     try:
@@ -84,9 +84,26 @@ class AioMultiprocessBackend(Backend):
             if not self._started:
                 self._started = True
                 self._thread.start()
-        return asyncio.run_coroutine_threadsafe(self._call(payload), self._loop)
+        inner = asyncio.run_coroutine_threadsafe(self._call(payload), self._loop)
+        outer: Future[Any] = Future()  # pending until the outcome: cancel() reaches the call
 
-    async def _call(self, payload: bytes) -> Any:
+        def relay(done: Future[tuple[bool, Any]]) -> None:
+            if done.cancelled():
+                outer.cancel()
+                return
+            exc = done.exception()
+            if exc is not None:
+                settle_future(outer, False, exc)
+            else:
+                settle_future(outer, *done.result())
+
+        inner.add_done_callback(relay)
+        outer.add_done_callback(lambda f: inner.cancel() if f.cancelled() else None)
+        return outer
+
+    async def _call(self, payload: bytes) -> tuple[bool, Any]:
+        """The call's ``(ok, value)``. The item's own exception is returned, not raised: a
+        SystemExit raised here would stop this backend's event loop."""
         if self._gate is None:
             self._gate = asyncio.Semaphore(self.workers)
         async with self._gate:
@@ -109,9 +126,7 @@ class AioMultiprocessBackend(Backend):
             finally:
                 self._calls.discard(task)
         ok, value = pickle.loads(data)
-        if ok:
-            return value
-        raise value
+        return bool(ok), value
 
     async def _watch(self) -> None:
         while True:

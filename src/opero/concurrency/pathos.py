@@ -63,8 +63,8 @@ def _invoke(
         value = fn(*args, **kwargs)
         if inspect.iscoroutine(value):
             value = asyncio.run(value)
-    except Exception as exc:
-        data: bytes = dill.dumps((False, portable_exception(exc, dill.dumps)))
+    except (Exception, SystemExit) as exc:  # sys.exit() in an item is its outcome
+        data: bytes = dill.dumps((False, portable_exception(exc, dill.dumps, dill.loads)))
         return data
     try:
         data = dill.dumps((True, value))
