@@ -1,4 +1,4 @@
-"""Exceptions that cross a process boundary as themselves, with the worker's traceback.
+"""Outcomes that cross a process boundary: exceptions as themselves, with the worker's traceback.
 
 Used by every backend whose workers are other processes, each with its own pickler (cloudpickle,
 dill, Ray's). No pickler is imported here, so that each extra needs only its own.
@@ -87,3 +87,21 @@ def _rebuild_exception(
     for name, value in state.items():
         setattr(exc, name, value)
     return exc
+
+
+def pickle_outcome(
+    ok: bool,
+    value: object,
+    dumps: Callable[[object], bytes],
+    loads: Callable[[bytes], object] = pickle.loads,
+) -> bytes:
+    """``(ok, value)`` pickled with ``dumps`` for the caller: an exception made portable, a
+    result that cannot be pickled replaced by a RemoteError that says so."""
+    if not ok:
+        assert isinstance(value, BaseException)
+        return dumps((False, portable_exception(value, dumps, loads)))
+    try:
+        return dumps((True, value))
+    except Exception as exc:
+        error = RemoteError(type(exc).__qualname__, f"the result could not be pickled: {exc}")
+        return dumps((False, error))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import inspect
 import pickle
 import threading
@@ -33,7 +34,7 @@ from concurrent.futures import CancelledError, Future
 from typing import Any, ClassVar
 
 from opero.concurrency import Backend, settle_future
-from opero.concurrency._portable import portable_exception
+from opero.concurrency._portable import pickle_outcome
 from opero.errors import OperoError, RemoteError
 
 try:
@@ -78,17 +79,14 @@ def run(
     """:func:`invoke` with the engine's own pickler: classes and functions sent by value keep
     their identity in the caller only when the outcome is pickled by the same cloudpickle copy
     that sent them (Ray ships its own)."""
+    fast = functools.partial(fast_dumps, dumps=dumps)
     try:
         value = fn(*args, **kwargs)
         if inspect.iscoroutine(value):
             value = asyncio.run(value)
     except (Exception, SystemExit) as exc:  # sys.exit() in an item is its outcome
-        return fast_dumps((False, portable_exception(exc, dumps)), dumps)
-    try:
-        return fast_dumps((True, value), dumps)
-    except Exception as exc:
-        error = RemoteError(type(exc).__qualname__, f"the result could not be pickled: {exc}")
-        return dumps((False, error))
+        return pickle_outcome(False, exc, fast)
+    return pickle_outcome(True, value, fast)
 
 
 def decode(data: bytes) -> tuple[bool, Any]:

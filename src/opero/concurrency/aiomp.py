@@ -25,8 +25,8 @@ import aiomultiprocess
 import cloudpickle
 
 from opero.concurrency import Backend, settle_future
-from opero.concurrency._portable import portable_exception
-from opero.errors import RemoteError, WorkerCrashedError
+from opero.concurrency._portable import pickle_outcome
+from opero.errors import WorkerCrashedError
 
 
 async def _ainvoke(payload: bytes) -> bytes:
@@ -37,15 +37,8 @@ async def _ainvoke(payload: bytes) -> bytes:
         if inspect.iscoroutine(value):
             value = await value
     except (Exception, SystemExit) as exc:  # sys.exit() in an item is its outcome
-        data: bytes = cloudpickle.dumps((False, portable_exception(exc, cloudpickle.dumps)))
-        return data
-    try:
-        data = cloudpickle.dumps((True, value))
-    except Exception as exc:
-        data = cloudpickle.dumps(
-            (False, RemoteError(type(exc).__qualname__, f"the result could not be pickled: {exc}"))
-        )
-    return data
+        return pickle_outcome(False, exc, cloudpickle.dumps)
+    return pickle_outcome(True, value, cloudpickle.dumps)
 
 
 class AioMultiprocessBackend(Backend):

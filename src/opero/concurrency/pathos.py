@@ -32,7 +32,7 @@ import multiprocess
 from pathos.pools import ProcessPool
 
 from opero.concurrency import Backend, settle_future
-from opero.concurrency._portable import portable_exception
+from opero.concurrency._portable import pickle_outcome
 from opero.errors import RemoteError, WorkerCrashedError
 
 _ids = itertools.count()
@@ -64,15 +64,8 @@ def _invoke(
         if inspect.iscoroutine(value):
             value = asyncio.run(value)
     except (Exception, SystemExit) as exc:  # sys.exit() in an item is its outcome
-        data: bytes = dill.dumps((False, portable_exception(exc, dill.dumps, dill.loads)))
-        return data
-    try:
-        data = dill.dumps((True, value))
-    except Exception as exc:
-        data = dill.dumps(
-            (False, RemoteError(type(exc).__qualname__, f"the result could not be pickled: {exc}"))
-        )
-    return data
+        return pickle_outcome(False, exc, dill.dumps, dill.loads)
+    return pickle_outcome(True, value, dill.dumps, dill.loads)
 
 
 @dataclass
